@@ -1,0 +1,501 @@
+"""The driver (DESIGN §6): plan, then stream shards to a pool of Ray actors until every one is written.
+
+Guarantees:
+* bounded memory: at most ``max_shards_in_flight`` shards are materialised at any time;
+* an actor or node that dies loses only the shards it held: they are re-queued, bounded by
+  ``runtime.max_retries``; a shard that keeps killing actors is bisected until the poison image
+  is alone, and that image becomes a ``stage=model`` error row;
+* a stuck actor (no result within ``runtime.shard_timeout_s``) is killed and replaced;
+* resume: shards whose embeddings file exists are skipped, their files never rewritten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .config import model_fingerprint, redact
+from .errors import ItemError, UsageError
+from .plan import Shard, build_plan, iter_shards, read_meta
+from .sources import input_kind
+from .storage import join, url_to_fs, write_atomic
+from .verify import shard_counts
+from .weights import weights_identity
+from .writer import (EMBEDDINGS_DIR, METADATA_KEY, SUCCESS, ShardRows, done_shards, embeddings_schema,
+                     embeddings_table, errors_table, part_name, write_shard)
+
+log = logging.getLogger(__name__)
+
+ACTOR_START_TIMEOUT_S = 900.0   # a pool with no ready actor for this long means the cluster cannot host one
+OUTPUT_ENTRIES = ("_plan", "embeddings", "errors", "index", SUCCESS)
+
+
+class JobFailed(Exception):
+    """The job could not complete (exit 1); what is written stays valid and resumable."""
+
+
+# ----------------------------------------------------------------------------- output state
+
+def prepare_output(input_url: str, output: str, fingerprint: str, shard_size: int, overwrite: bool,
+                   storage_options: Optional[dict]) -> Optional[dict]:
+    """Check OUTPUT against this job; returns the reusable plan meta (or None to (re)plan)."""
+    fs, root = url_to_fs(output, storage_options)
+    meta = read_meta(output, storage_options)
+    has_parts = fs.exists(join(root, EMBEDDINGS_DIR))
+    if overwrite:
+        for entry in OUTPUT_ENTRIES:
+            if fs.exists(join(root, entry)):
+                fs.rm(join(root, entry), recursive=True)
+        return None
+    if meta is not None:
+        if meta.get("input") != input_url:
+            raise UsageError(f"{output} holds the output of another input ({meta.get('input')}); "
+                             "use --overwrite to replace it")
+        if meta.get("fingerprint") != fingerprint:
+            raise UsageError(f"{output} was made with a different model, weights or preprocessing; "
+                             "use --overwrite to replace it")
+        if meta.get("shard_size") != shard_size:
+            log.warning("input.shard_size=%s ignored: resuming the existing plan of %s images per shard",
+                        shard_size, meta.get("shard_size"))
+        return meta
+    if has_parts and not fs.exists(join(root, "_plan")):
+        raise UsageError(f"{output} has embeddings/ but no _plan/: not a resumable vgg-pipeline output; "
+                         "use --overwrite or another OUTPUT")
+    return None
+
+
+# ----------------------------------------------------------------------------- Ray pool
+
+@dataclass
+class Slot:
+    actor: Any
+    ready_ref: Any
+    ready: bool = False
+    info: dict = field(default_factory=dict)
+    inflight: list = field(default_factory=list)   # refs, oldest first
+    busy_since: float = 0.0
+
+
+@dataclass
+class Work:
+    shard: Shard
+    start: int = 0                # a piece [start, end) of a shard being bisected
+    end: Optional[int] = None
+    attempts: int = 0
+
+    @property
+    def whole(self) -> bool:
+        return self.end is None
+
+    def piece(self) -> Shard:
+        if self.whole:
+            return self.shard
+        s, e = self.start, self.end
+        return Shard(self.shard.index, self.shard.ids[s:e], self.shard.uris[s:e], self.shard.duplicate[s:e])
+
+
+class _Bisection:
+    """Collects the pieces of a shard that kept crashing its actor, then writes the shard."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.done: dict[int, tuple[pa.Table, pa.Table]] = {}   # start -> (embeddings, errors)
+        self.covered = 0
+
+    def add(self, start: int, end: int, emb: pa.Table, err: pa.Table) -> None:
+        self.done[start] = (emb, err)
+        self.covered += end - start
+
+    @property
+    def complete(self) -> bool:
+        return self.covered == len(self.shard)
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        parts = [self.done[s] for s in sorted(self.done)]
+        embs = [e for e, _ in parts if e.num_rows] or [parts[0][0]]
+        return pa.concat_tables(embs), pa.concat_tables([e for _, e in parts])
+
+
+def _pool_shape(cfg: dict, ray) -> tuple[int, dict]:
+    """Number of actors and their Ray options: one per GPU, else one per node (DESIGN §6)."""
+    rt = cfg["runtime"]
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if gpus and rt["device"] != "cpu":
+        n = rt["num_actors"] or gpus
+        cpus = rt["cpus_per_actor"] or max(1.0, min(8.0, resources.get("CPU", 1) / max(gpus, 1) - 0.5))
+        return n, {"num_gpus": 1, "num_cpus": cpus}
+    node_cpus = sorted(n["Resources"]["CPU"] for n in nodes) or [resources.get("CPU", 1)]
+    n = rt["num_actors"] or max(1, len(node_cpus))
+    cpus = rt["cpus_per_actor"] or max(1.0, min(node_cpus[0], resources.get("CPU", 1) / n))
+    return n, {"num_gpus": 0, "num_cpus": float(int(cpus)) if cpus >= 1 else cpus}
+
+
+def _is_actor_death(exc: BaseException) -> bool:
+    from ray import exceptions as rex
+    return isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError))
+
+
+def _init_ray(address: Optional[str]):
+    import ray
+    if ray.is_initialized():
+        return ray, False
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:  # a private cluster: a bare ray.init() would join whatever stale cluster was last recorded
+        ray.init(address="local", include_dashboard=False, **kwargs)
+    return ray, True
+
+
+# ----------------------------------------------------------------------------- the run
+
+class _Progress:
+    def __init__(self, enabled: bool, total: Optional[int], initial: int) -> None:
+        self.bar = None
+        self.done = initial
+        self.errors = 0
+        self.started = time.perf_counter()
+        self.initial = initial
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="img", dynamic_ncols=True,
+                            file=sys.stderr, smoothing=0.1, desc="extract")
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None and self.bar.total != total:
+            self.bar.total = total
+            self.bar.refresh()
+
+    def advance(self, n: int, errors: int, alive: int, queued: int) -> None:
+        self.done += n
+        self.errors += errors
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(errors=self.errors, actors=alive, queued=queued, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_extract(input_url: str, output: str, cfg: dict, *, storage_options: Optional[dict] = None,
+                address: Optional[str] = None, overwrite: bool = False, dry_run: bool = False,
+                progress: bool = True) -> dict:
+    """Run (or resume) an extraction; returns the summary also stored in ``_SUCCESS.json``."""
+    t0 = time.perf_counter()
+    input_kind(input_url, storage_options)  # a missing input is a usage error before anything is written
+    m = cfg["model"]
+    w = weights_identity(m["weights"], m["arch"], storage_options)
+    fingerprint = model_fingerprint(cfg, w.name, w.sha256)
+    meta = prepare_output(input_url, output, fingerprint, cfg["input"]["shard_size"], overwrite, storage_options)
+    if w.is_random:
+        log.warning("WEIGHTS ARE RANDOM (%s): features and classes are meaningless; for tests and demos only", w.name)
+
+    done = done_shards(output, storage_options)
+    if meta is not None:
+        shards: Iterator[Shard] = iter_shards(output, storage_options)
+        total: Optional[int] = meta["num_items"]
+    else:
+        shards = build_plan(input_url, output, cfg, fingerprint, storage_options)
+        total = None
+        if done:  # an interrupted plan: only keep finished shards whose contents are unchanged
+            shards = _drop_stale(shards, done, output, storage_options)
+
+    if dry_run:
+        n = sum(len(s) for s in shards)
+        meta = read_meta(output, storage_options) or {}
+        return {"dry_run": True, "images": n, "shards": meta.get("num_shards"),
+                "skipped": meta.get("skipped", {}), "duplicates": meta.get("num_duplicates", 0)}
+
+    ray, owns_ray = _init_ray(address)
+    try:
+        stats = _Scheduler(ray, cfg, output, storage_options, progress).run(shards, done, total)
+    except KeyboardInterrupt:
+        log.warning("interrupted: finished shards are kept; rerun the same command to resume")
+        raise
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    return _write_success(input_url, output, cfg, fingerprint, w, stats, time.perf_counter() - t0,
+                          storage_options)
+
+
+def _drop_stale(shards: Iterator[Shard], done: set[int], output: str,
+                storage_options: Optional[dict]) -> Iterator[Shard]:
+    """Re-planning after a crash mid-plan: a finished shard whose ids changed is redone."""
+    fs, root = url_to_fs(output, storage_options)
+    for shard in shards:
+        if shard.index in done:
+            path = join(root, EMBEDDINGS_DIR, part_name(shard.index))
+            with fs.open(path, "rb") as f:
+                md = json.loads((pq.read_schema(f).metadata or {}).get(METADATA_KEY, b"{}"))
+            if md.get("shard_digest") != shard.digest:
+                log.warning("shard %d changed since it was written; redoing it", shard.index)
+                done.discard(shard.index)
+        yield shard
+
+
+class _Scheduler:
+    def __init__(self, ray, cfg: dict, output: str, storage_options: Optional[dict], progress: bool) -> None:
+        self.ray, self.cfg, self.output, self.so = ray, cfg, output, storage_options
+        self.progress_enabled = progress
+        rt = cfg["runtime"]
+        self.max_retries = rt["max_retries"]
+        self.timeout_s = rt["shard_timeout_s"]
+        self.num_actors, self.actor_opts = _pool_shape(cfg, ray)
+        self.per_actor = 2  # one running + one queued, so an actor never idles between shards
+        self.window = rt["max_shards_in_flight"] or self.num_actors * self.per_actor
+        self.slots: list[Slot] = []
+        self.queue: deque[Work] = deque()         # retries and bisection pieces go first
+        self.owner: dict[Any, tuple[Slot, Work]] = {}
+        self.bisections: dict[int, _Bisection] = {}
+        self.stats = {"shards_done": 0, "shards_resumed": 0, "retries": 0, "actor_failures": 0,
+                      "bisected_shards": 0, "timeouts": 0, "images_this_run": 0}
+        self.stage_s = {"read_s": 0.0, "decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+
+    # -- actors
+    def _start_actor(self) -> Slot:
+        from .worker import ShardWorker
+        cls = self.ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0,
+                                                   scheduling_strategy="SPREAD", **self.actor_opts)
+        threads = int(self.actor_opts["num_cpus"]) if not self.actor_opts["num_gpus"] else None
+        actor = cls.remote(self.cfg, self.output, self.so, threads)
+        slot = Slot(actor, actor.ready.remote())
+        self.slots.append(slot)
+        return slot
+
+    def _retire(self, slot: Slot, kill: bool) -> list[Work]:
+        if slot in self.slots:
+            self.slots.remove(slot)
+        if kill:
+            self.ray.kill(slot.actor, no_restart=True)
+        lost = [self.owner.pop(ref)[1] for ref in slot.inflight if ref in self.owner]
+        slot.inflight.clear()
+        self.stats["actor_failures"] += 1
+        self._start_actor()
+        return lost
+
+    # -- work
+    def _submit(self, slot: Slot, work: Work) -> None:
+        write = work.whole and work.shard.index not in self.bisections
+        ref = slot.actor.process.remote(work.piece(), write)
+        if not slot.inflight:
+            slot.busy_since = time.monotonic()
+        slot.inflight.append(ref)
+        self.owner[ref] = (slot, work)
+
+    def _failed(self, work: Work, reason: str) -> None:
+        work.attempts += 1
+        if work.whole and work.attempts <= self.max_retries:
+            self.stats["retries"] += 1
+            log.warning("shard %d failed (%s); retry %d/%d", work.shard.index, reason, work.attempts,
+                        self.max_retries)
+            self.queue.appendleft(work)
+            return
+        if work.whole:  # it keeps failing: bisect to find the image that kills the worker
+            self.stats["bisected_shards"] += 1
+            log.warning("shard %d failed %d times (%s); isolating the image responsible",
+                        work.shard.index, work.attempts, reason)
+            self.bisections[work.shard.index] = _Bisection(work.shard)
+            work = Work(work.shard, 0, len(work.shard), attempts=1)
+        start, end = work.start, work.end
+        if end - start > 1:
+            mid = (start + end) // 2
+            self.queue.appendleft(Work(work.shard, mid, end))
+            self.queue.appendleft(Work(work.shard, start, mid))
+            return
+        if work.attempts <= 1:  # one more chance, in case a node died under an innocent image
+            self.queue.appendleft(work)
+            return
+        shard = work.shard
+        err = ItemError("model", "WorkerCrashed",
+                        f"the worker process died on this image {work.attempts} times ({reason})")
+        schema = embeddings_schema(self.cfg["output"]["fc7_dtype"], self.cfg["output"]["top_k"],
+                                   self._descriptor_dim())
+        meta = {"shard": shard.index}
+        row = (shard.ids[start], shard.uris[start], err.stage, err.error_type, err.message)
+        self._piece_done(work, embeddings_table(ShardRows(), schema, meta), errors_table([row], meta))
+
+    def _descriptor_dim(self) -> Optional[int]:
+        m = self.cfg["model"]
+        if m["descriptor"] != "dense-multiscale":
+            return None
+        return 4096 * (len(m["scales"]) if m["scale_aggregation"] == "stack" else 1)
+
+    def _piece_done(self, work: Work, emb: pa.Table, err: pa.Table) -> None:
+        b = self.bisections[work.shard.index]
+        b.add(work.start, work.end, emb, err)
+        if b.complete:
+            emb_all, err_all = b.tables()
+            # Metadata of a worker-made piece (model, weights, versions), with the whole shard's digest.
+            pieces = [e for e, _ in b.done.values() if "model" in _metadata(e)] or [emb_all]
+            md = dict(_metadata(pieces[0]), shard=work.shard.index, shard_digest=work.shard.digest)
+            md_bytes = {METADATA_KEY: json.dumps(md)}
+            emb_all = emb_all.replace_schema_metadata(md_bytes)
+            err_all = err_all.replace_schema_metadata(md_bytes)
+            write_shard(self.output, work.shard.index, emb_all, err_all, self.so)
+            del self.bisections[work.shard.index]
+            self._shard_written(len(work.shard), err_all.num_rows)
+
+    def _shard_written(self, n: int, errors: int) -> None:
+        self.stats["shards_done"] += 1
+        self.stats["images_this_run"] += n
+        self.bar.advance(n, errors, sum(s.ready for s in self.slots), len(self.queue))
+
+    def run(self, shards: Iterator[Shard], done: set[int], total: Optional[int]) -> dict:
+        self.bar = _Progress(self.progress_enabled, total, 0)
+        listed = 0
+        source = iter(shards)
+        exhausted = False
+        for _ in range(self.num_actors):
+            self._start_actor()
+        last_ready = time.monotonic()
+        try:
+            while True:
+                # Top up: give every ready actor work while the in-flight window allows.
+                for slot in [s for s in self.slots if s.ready]:
+                    while len(slot.inflight) < self.per_actor and len(self.owner) < self.window:
+                        if self.queue:
+                            work = self.queue.popleft()
+                        elif not exhausted:
+                            shard = next(source, None)
+                            if shard is None:
+                                exhausted = True
+                                break
+                            listed += len(shard)
+                            if shard.index in done:
+                                self.stats["shards_resumed"] += 1
+                                self.bar.advance(len(shard), 0, sum(s.ready for s in self.slots), 0)
+                                continue
+                            work = Work(shard)
+                        else:
+                            break
+                        self._submit(slot, work)
+                    if exhausted and total is None:
+                        total = listed
+                        self.bar.set_total(total)
+                if exhausted and not self.owner and not self.queue:
+                    break
+                self._wait(last_ready)
+                if any(s.ready for s in self.slots):
+                    last_ready = time.monotonic()
+        finally:
+            self.bar.close()
+            for slot in self.slots:
+                self.ray.kill(slot.actor, no_restart=True)
+        elapsed = time.perf_counter() - self.bar.started
+        self.stats["wall_s"] = round(elapsed, 2)
+        self.stats["img_per_s"] = round(self.stats["images_this_run"] / elapsed, 2) if elapsed else 0.0
+        self.stats["stage_seconds"] = {k: round(v, 2) for k, v in self.stage_s.items()}
+        return self.stats
+
+    def _wait(self, last_ready: float) -> None:
+        ray = self.ray
+        pending_ready = {s.ready_ref: s for s in self.slots if not s.ready}
+        refs = list(self.owner) + list(pending_ready)
+        if not refs:
+            time.sleep(0.1)
+            return
+        finished, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+        for ref in finished:
+            if ref in pending_ready:
+                self._actor_started(pending_ready[ref], ref)
+            else:
+                self._collect(ref)
+        now = time.monotonic()
+        for slot in list(self.slots):
+            if slot.inflight and now - slot.busy_since > self.timeout_s:
+                self.stats["timeouts"] += 1
+                log.warning("actor on %s made no progress for %.0fs; killing it", slot.info.get("host"),
+                            now - slot.busy_since)
+                for work in self._retire(slot, kill=True):
+                    self._failed(work, f"timeout after {self.timeout_s:.0f}s")
+        if not any(s.ready for s in self.slots) and now - last_ready > max(ACTOR_START_TIMEOUT_S, self.timeout_s):
+            raise JobFailed("no worker could be started on the cluster for "
+                            f"{now - last_ready:.0f}s (resources: {self.actor_opts})")
+
+    def _actor_started(self, slot: Slot, ref) -> None:
+        try:
+            slot.info = self.ray.get(ref)
+            slot.ready = True
+            log.info("actor ready: %s", slot.info)
+        except Exception as exc:  # noqa: BLE001
+            message = _root_message(exc)
+            self.slots.remove(slot)
+            if "WeightsError" in message or "UsageError" in message:
+                raise UsageError(message.split(": ", 1)[-1]) from None
+            raise JobFailed(f"a worker failed to start: {message}") from None
+
+    def _collect(self, ref) -> None:
+        slot, work = self.owner.pop(ref)
+        if ref in slot.inflight:
+            slot.inflight.remove(ref)
+        slot.busy_since = time.monotonic()
+        try:
+            result = self.ray.get(ref)
+        except Exception as exc:  # noqa: BLE001
+            if _is_actor_death(exc):
+                lost = self._retire(slot, kill=True)
+                for w in [work] + lost:
+                    self._failed(w, "worker died")
+            else:
+                self._failed(work, _root_message(exc))
+            return
+        if isinstance(result, tuple):  # a bisection piece: tables come back to the driver
+            emb, err, summary = result
+            self._piece_done(work, emb, err)
+            return
+        for k in self.stage_s:
+            self.stage_s[k] += result.get(k, 0.0)
+        self._shard_written(result["rows"] + result["errors"], result["errors"])
+
+
+def _metadata(table: pa.Table) -> dict:
+    return json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+
+
+def _root_message(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    lines = [ln.strip() for ln in text if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln and ":" in ln:
+            return ln[:300]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def _write_success(input_url: str, output: str, cfg: dict, fingerprint: str, weights, stats: dict,
+                   wall_s: float, storage_options: Optional[dict]) -> dict:
+    report = shard_counts(output, storage_options)
+    if not report.ok:
+        raise JobFailed("output incomplete after the run: " + "; ".join(report.problems[:3]))
+    meta = read_meta(output, storage_options) or {}
+    import torch
+    summary = {
+        "input": input_url, "output": output, "fingerprint": fingerprint,
+        "counts": {"images": report.images, "embedded": report.embedded, "errors": report.errors,
+                   "shards": report.shards, "duplicates": meta.get("num_duplicates", 0),
+                   "skipped": meta.get("skipped", {})},
+        "weights": {"name": weights.name, "sha256": weights.sha256, "random": weights.is_random},
+        "config": redact(cfg),
+        "run": dict(stats, total_wall_s=round(wall_s, 2)),
+        "versions": {"vgg_pipeline": __version__, "torch": torch.__version__, "pyarrow": pa.__version__},
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "shards": report.per_shard,
+    }
+    fs, root = url_to_fs(output, storage_options)
+    write_atomic(fs, join(root, SUCCESS), json.dumps(summary, indent=1).encode())
+    return summary

@@ -1,0 +1,132 @@
+"""The reader: fetch, decode and preprocess a shard's images on a thread pool, ahead of the model.
+
+:func:`read_shard` yields one :class:`Decoded` or :class:`Failed` per item, in plan order, with up
+to ``prefetch`` items in flight so decoding overlaps inference (PIL and fsspec release the GIL).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+
+from .decode import decode_image
+from .errors import ItemError
+from .preprocess import RESIZE, preprocess_pil
+from .sources import read_tar_members
+from .storage import FileSystems, FileTooLarge
+
+
+@dataclass
+class Decoded:
+    pos: int
+    pixels: torch.Tensor  # preprocessed (3, 224, 224) float32
+    width: int
+    height: int
+    image: object = None  # the RGB PIL image, kept only when the mapper needs the whole image
+
+
+@dataclass
+class Failed:
+    pos: int
+    error: ItemError
+
+
+@dataclass
+class StageTimes:
+    read_s: float = 0.0
+    decode_s: float = 0.0
+
+    def add(self, read_s: float, decode_s: float) -> None:
+        self.read_s += read_s
+        self.decode_s += decode_s
+
+
+def split_tar_uri(uri: str) -> Optional[tuple[str, str]]:
+    """``TAR_URI#member`` -> ``(TAR_URI, member)``; ``None`` for a plain file."""
+    head, sep, member = uri.partition("#")
+    return (head, member) if sep and head.lower().endswith(".tar") and member else None
+
+
+class _TarCache:
+    """Streams each tar of a shard once, keeping only the members the shard wants."""
+
+    def __init__(self, fsys: FileSystems, uris: list[str]) -> None:
+        self.fsys = fsys
+        self.wanted: dict[str, set[str]] = {}
+        for uri in uris:
+            parts = split_tar_uri(uri)
+            if parts:
+                self.wanted.setdefault(parts[0], set()).add(parts[1])
+        self.members: dict[str, dict[str, bytes]] = {}
+        self.locks = {tar: threading.Lock() for tar in self.wanted}
+
+    def read(self, tar_uri: str, member: str) -> bytes:
+        with self.locks[tar_uri]:
+            if tar_uri not in self.members:
+                fs, path = self.fsys.get(tar_uri)
+                with fs.open(path, "rb") as f:
+                    self.members[tar_uri] = dict(read_tar_members(f, self.wanted[tar_uri]))
+            members = self.members[tar_uri]
+        if member not in members:
+            raise FileNotFoundError(f"{member} not in {tar_uri}")
+        return members.pop(member)
+
+
+def _read_error(exc: BaseException) -> ItemError:
+    if isinstance(exc, ItemError):
+        return exc
+    if isinstance(exc, FileTooLarge):
+        return ItemError("read", "TooLarge", str(exc))
+    return ItemError("read", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def read_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_pixels: int, max_bytes: int,
+               threads: int, prefetch: int, keep_image: bool = False,
+               times: Optional[StageTimes] = None,
+               before_item: Optional[Callable[[int], None]] = None) -> Iterator[Union[Decoded, Failed]]:
+    """Decode ``uris`` (positions in ``skip`` are left out) in order, ``prefetch`` items ahead."""
+    tars = _TarCache(fsys, uris)
+    times = times if times is not None else StageTimes()
+
+    def load(pos: int) -> Union[Decoded, Failed]:
+        uri = uris[pos]
+        t0 = time.perf_counter()
+        try:
+            tar = split_tar_uri(uri)
+            data = tars.read(*tar) if tar else fsys.read_bytes(uri, max_bytes)
+        except Exception as exc:  # noqa: BLE001 - every read failure becomes an error row
+            return Failed(pos, _read_error(exc))
+        t1 = time.perf_counter()
+        try:
+            img = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, min_side=RESIZE)
+            pixels = preprocess_pil(img)
+        except ItemError as exc:
+            return Failed(pos, exc)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the shard
+            return Failed(pos, ItemError("decode", type(exc).__name__, str(exc)[:200]))
+        finally:
+            times.add(t1 - t0, time.perf_counter() - t1)
+        return Decoded(pos, pixels, img.width, img.height, img if keep_image else None)
+
+    todo = (p for p in range(len(uris)) if p not in skip)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+        for pos in todo:
+            pending.append((pos, pool.submit(load, pos)))
+            if len(pending) >= prefetch:
+                p, fut = pending.popleft()
+                if before_item:
+                    before_item(p)
+                yield fut.result()
+        while pending:
+            p, fut = pending.popleft()
+            if before_item:
+                before_item(p)
+            yield fut.result()
+

@@ -1,0 +1,170 @@
+"""One shard, end to end: reader -> mapper -> writer.  Ray wraps :class:`ShardWorker` as an actor.
+
+The worker holds the model for its whole life (loaded once), reads and decodes ahead of the
+model on a thread pool, and writes the shard's files itself, so the driver never touches images
+or embeddings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import socket
+import time
+from typing import Any, Optional
+
+import torch
+
+from . import __version__
+from .errors import ItemError
+from .extractor import Extractor
+from .plan import Shard
+from .preprocess import DESCRIPTION as PREPROCESSING
+from .reader import Decoded, StageTimes, read_shard
+from .storage import FileSystems
+from .writer import ShardRows, embeddings_schema, embeddings_table, errors_table, write_shard
+
+log = logging.getLogger(__name__)
+
+# Test-only fault injection: a worker that reaches this id exits abruptly, like a segfaulting decoder.
+CRASH_ENV = "VGG_PIPELINE_FAULT_CRASH_ID"
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 64 if device.type == "cuda" else 8
+
+
+def make_mapper(cfg: dict, storage_options: Optional[dict], num_threads: Optional[int]):
+    m, rt = cfg["model"], cfg["runtime"]
+    kwargs = dict(device=rt["device"], precision=rt["precision"], num_threads=num_threads,
+                  storage_options=storage_options)
+    if m["descriptor"] == "dense-multiscale":
+        from .descriptor import DenseExtractor
+        return DenseExtractor(m["arch"], m["weights"], scales=m["scales"],
+                              aggregation=m["scale_aggregation"], **kwargs)
+    return Extractor(m["arch"], m["weights"], **kwargs)
+
+
+class ShardWorker:
+    """Processes shards; ``process(shard)`` writes its files and returns a summary dict."""
+
+    def __init__(self, cfg: dict, output: str, storage_options: Optional[dict] = None,
+                 num_threads: Optional[int] = None) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.cfg, self.output, self.storage_options = cfg, output, storage_options
+        self.mapper = make_mapper(cfg, storage_options, num_threads)
+        self.fsys = FileSystems(storage_options)
+        rt = cfg["runtime"]
+        self.batch_size = rt["batch_size"] or default_batch_size(self.mapper.device)
+        self.threads = rt["decode_threads"] or max(2, min(16, (os.cpu_count() or 2)))
+        descriptor_dim = getattr(self.mapper, "descriptor_dim", None)
+        self.schema = embeddings_schema(cfg["output"]["fc7_dtype"], cfg["output"]["top_k"], descriptor_dim)
+
+    def ready(self) -> dict:
+        w = self.mapper.weights
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.mapper.device),
+                "precision": self.mapper.precision, "weights": w.name, "weights_sha256": w.sha256,
+                "batch_size": self.batch_size}
+
+    def metadata(self, shard: Shard) -> dict:
+        import pyarrow
+        import torchvision
+        w, m = self.mapper.weights, self.cfg["model"]
+        model_meta = {"arch": m["arch"], "descriptor": m["descriptor"], "layer": "fc7 (after relu7)"}
+        if m["descriptor"] == "dense-multiscale":
+            model_meta.update(scales=m["scales"], scale_aggregation=m["scale_aggregation"])
+        return {
+            "model": model_meta,
+            "weights": {"spec": w.spec if not w.spec.startswith("/") else os.path.basename(w.spec),
+                        "name": w.name, "sha256": w.sha256, "random": w.is_random},
+            "preprocessing": PREPROCESSING,
+            "dtypes": {"fc7": self.cfg["output"]["fc7_dtype"], "logits": "float32",
+                       "compute": self.mapper.precision, "device": self.mapper.device.type},
+            "versions": {"vgg_pipeline": __version__, "torch": torch.__version__,
+                         "torchvision": torchvision.__version__, "pyarrow": pyarrow.__version__,
+                         "python": platform.python_version()},
+            "shard": shard.index,
+            "shard_digest": shard.digest,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        }
+
+    def process(self, shard: Shard, write: bool = True) -> Any:
+        """Turn ``shard`` into rows; write its files (``write=True``) or return the tables."""
+        t_start = time.perf_counter()
+        rows = ShardRows()
+        times = StageTimes()
+        model_s = 0.0
+        inp = self.cfg["input"]
+        dup = {i for i, d in enumerate(shard.duplicate) if d}
+        results: dict[int, Any] = {p: ItemError("list", "DuplicateId", "id already listed earlier in the input")
+                                   for p in dup}
+        crash_id = os.environ.get(CRASH_ENV)
+        batch: list[Decoded] = []
+
+        def flush() -> None:
+            nonlocal model_s
+            t0 = time.perf_counter()
+            for item, out in self._embed(batch):
+                results[item.pos] = out if isinstance(out, ItemError) else (item, out)
+            model_s += time.perf_counter() - t0
+            batch.clear()
+
+        def before(pos: int) -> None:
+            if crash_id and shard.ids[pos] == crash_id:
+                os._exit(17)
+
+        for res in read_shard(shard.uris, dup, self.fsys, max_pixels=inp["max_pixels"],
+                              max_bytes=inp["max_bytes"], threads=self.threads,
+                              prefetch=2 * self.batch_size,
+                              keep_image=getattr(self.mapper, "needs_image", False),
+                              times=times, before_item=before):
+            if isinstance(res, Decoded):
+                batch.append(res)
+                if len(batch) == self.batch_size:
+                    flush()
+            else:
+                results[res.pos] = res.error
+        if batch:
+            flush()
+
+        for pos in range(len(shard)):
+            r = results[pos]
+            if isinstance(r, ItemError):
+                rows.errors.append((shard.ids[pos], shard.uris[pos], r.stage, r.error_type, r.message))
+                continue
+            item, out = r
+            rows.ids.append(shard.ids[pos])
+            rows.uris.append(shard.uris[pos])
+            rows.widths.append(item.width)
+            rows.heights.append(item.height)
+            rows.fc7.append(out["fc7"][None])
+            rows.logits.append(out["logits"][None])
+            if "descriptor" in out:
+                rows.descriptor.append(out["descriptor"][None])
+        meta = self.metadata(shard)
+        emb, err = embeddings_table(rows, self.schema, meta), errors_table(rows.errors, meta)
+        summary = {"shard": shard.index, "rows": emb.num_rows, "errors": err.num_rows,
+                   "read_s": round(times.read_s, 3), "decode_s": round(times.decode_s, 3),
+                   "model_s": round(model_s, 3), "host": socket.gethostname(), "pid": os.getpid()}
+        if not write:
+            summary["wall_s"] = round(time.perf_counter() - t_start, 3)
+            return emb, err, summary
+        t0 = time.perf_counter()
+        write_shard(self.output, shard.index, emb, err, self.storage_options)
+        summary["write_s"] = round(time.perf_counter() - t0, 3)
+        summary["wall_s"] = round(time.perf_counter() - t_start, 3)
+        log.info("shard done %s", summary)
+        return summary
+
+    def _embed(self, batch: list[Decoded]) -> list[tuple[Decoded, Any]]:
+        """Embed a batch; if it fails, retry image by image so only the culprit becomes an error row."""
+        try:
+            out = self.mapper.embed(batch)
+        except Exception as exc:  # noqa: BLE001 - one image must not sink its batch
+            if len(batch) == 1:
+                return [(batch[0], ItemError("model", type(exc).__name__, str(exc).splitlines()[0][:200]))]
+            log.warning("batch failed (%s); retrying its %d images one by one", exc, len(batch))
+            return [pair for item in batch for pair in self._embed([item])]
+        return [(item, {k: v[j] for k, v in out.items()}) for j, item in enumerate(batch)]
