@@ -35,7 +35,7 @@ def extract(input: str, output: str, *, weights: Optional[str] = None, conf: Opt
 
     ``overrides`` are config keys, either as sections (``model={"arch": "vgg11"}``) or with
     ``__`` for the dot (``runtime__batch_size=16``).  Raises :class:`pipeline.errors.UsageError`
-    for bad arguments and :class:`pipeline.driver.JobFailed` if the job cannot finish.
+    for bad arguments and :class:`pipeline.errors.JobFailed` if the job cannot finish.
     """
     from .driver import run_extract
     values = _dotted(overrides)

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from . import __version__
 from .config import load_config, parse_storage_options
-from .errors import UsageError
+from .errors import JobFailed, UsageError
 
 log = logging.getLogger("vgg-pipeline")
 
@@ -120,7 +120,6 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"extract": cmd_extra
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .driver import JobFailed
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         parser = build_parser()

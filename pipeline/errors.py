@@ -18,6 +18,10 @@ class WeightsError(UsageError):
     """Weights that cannot be found, downloaded, verified or loaded into the chosen arch."""
 
 
+class JobFailed(Exception):
+    """The job could not complete (exit 1); what is written stays valid and resumable."""
+
+
 class ItemError(Exception):
     """One image failed at ``stage``; becomes an error row instead of stopping the job."""
 

@@ -22,18 +22,8 @@ from typing import Union
 import torch
 from torch import nn
 
-# Table 1 of the paper: numbers are conv output channels (3x3, stride 1, pad 1), "M" a 2x2 max-pool.
-CONFIGS: dict[str, list[Union[int, str]]] = {
-    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-          512, 512, 512, 512, "M"],
-}
-ARCH_TO_CONFIG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
-ARCHS = tuple(a + bn for a in ARCH_TO_CONFIG for bn in ("", "_bn"))
-FC7_DIM = 4096
-NUM_CLASSES = 1000
+from .archs import ARCH_TO_CONFIG, ARCHS, CONFIGS, FC7_DIM, NUM_CLASSES  # noqa: F401 - re-exported
+
 
 
 class VGG(nn.Module):

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .model import FC7_DIM, NUM_CLASSES
+from .archs import FC7_DIM, NUM_CLASSES
 from .storage import join, remove_if_exists, url_to_fs, write_atomic
 
 EMBEDDINGS_DIR = "embeddings"
