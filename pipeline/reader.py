@@ -6,6 +6,7 @@ to ``prefetch`` items in flight so decoding overlaps inference (PIL and fsspec r
 
 from __future__ import annotations
 
+import tarfile
 import threading
 import time
 from collections import deque
@@ -15,7 +16,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 
-from .decode import decode_image
+from .decode import decode_with_size
 from .errors import ItemError
 from .preprocess import RESIZE, preprocess_pil
 from .sources import read_tar_members
@@ -64,16 +65,24 @@ class _TarCache:
             if parts:
                 self.wanted.setdefault(parts[0], set()).add(parts[1])
         self.members: dict[str, dict[str, bytes]] = {}
+        self.damage: dict[str, BaseException] = {}  # tar -> why its stream ended early
         self.locks = {tar: threading.Lock() for tar in self.wanted}
 
     def read(self, tar_uri: str, member: str) -> bytes:
         with self.locks[tar_uri]:
             if tar_uri not in self.members:
+                members = self.members[tar_uri] = {}
                 fs, path = self.fsys.get(tar_uri)
-                with fs.open(path, "rb") as f:
-                    self.members[tar_uri] = dict(read_tar_members(f, self.wanted[tar_uri]))
+                try:
+                    with fs.open(path, "rb") as f:
+                        for name, data in read_tar_members(f, self.wanted[tar_uri]):
+                            members[name] = data
+                except (tarfile.TarError, EOFError) as exc:  # members before the damage still count
+                    self.damage[tar_uri] = exc
             members = self.members[tar_uri]
         if member not in members:
+            if tar_uri in self.damage:
+                raise tarfile.ReadError(f"tar damaged before {member}: {self.damage[tar_uri]}")
             raise FileNotFoundError(f"{member} not in {tar_uri}")
         return members.pop(member)
 
@@ -104,7 +113,8 @@ def read_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_pixels
             return Failed(pos, _read_error(exc))
         t1 = time.perf_counter()
         try:
-            img = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, min_side=RESIZE)
+            img, (width, height) = decode_with_size(data, max_pixels=max_pixels, max_bytes=max_bytes,
+                                                    min_side=RESIZE)
             pixels = preprocess_pil(img)
         except ItemError as exc:
             return Failed(pos, exc)
@@ -112,7 +122,7 @@ def read_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_pixels
             return Failed(pos, ItemError("decode", type(exc).__name__, str(exc)[:200]))
         finally:
             times.add(t1 - t0, time.perf_counter() - t1)
-        return Decoded(pos, pixels, img.width, img.height, img if keep_image else None)
+        return Decoded(pos, pixels, width, height, img if keep_image else None)
 
     todo = (p for p in range(len(uris)) if p not in skip)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:

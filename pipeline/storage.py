@@ -80,10 +80,8 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = READ_ATTEMPTS,
     for attempt in range(attempts):
         try:
             return fn()
-        except PERMANENT_ERRORS:
-            raise
-        except (OSError, TimeoutError, ConnectionError) as exc:
-            if _looks_permanent(exc) or attempt == attempts - 1:
+        except Exception as exc:  # noqa: BLE001 - classified below; anything else is re-raised
+            if not is_transient(exc) or attempt == attempts - 1:
                 raise
             delay = base_delay * (4 ** attempt)
             log.warning("transient error on %s (%s); retry %d in %.2fs", what, exc, attempt + 1, delay)
@@ -91,9 +89,32 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = READ_ATTEMPTS,
     raise AssertionError("unreachable")
 
 
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: throttling (503 SlowDown, 429), 5xx, timeouts, dropped connections."""
+    if isinstance(exc, PERMANENT_ERRORS):
+        return False
+    status = getattr(exc, "status", None)  # aiohttp.ClientResponseError (http(s):// inputs)
+    if isinstance(status, int):
+        return status in TRANSIENT_STATUS
+    if _looks_permanent(exc):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError)) or _is_client_error(exc)
+
+
 def _looks_permanent(exc: BaseException) -> bool:
     text = str(exc)
     return any(s in text for s in ("403", "404", "AccessDenied", "NoSuchKey", "NoSuchBucket", "Forbidden"))
+
+
+def _is_client_error(exc: BaseException) -> bool:
+    try:
+        import aiohttp
+    except ImportError:  # pragma: no cover - aiohttp comes with fsspec[http]
+        return False
+    return isinstance(exc, aiohttp.ClientError)  # resets, disconnects, payload errors
 
 
 class FileSystems:

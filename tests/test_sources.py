@@ -1,0 +1,467 @@
+"""Input listing and planning (DESIGN §3): folders, globs, manifests, tar shards, memory://,
+http(s)://, duplicate ids, the streaming plan, and retried storage reads."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import plan as plan_mod
+from pipeline.config import IMAGE_EXTENSIONS, load_config
+from pipeline.errors import UsageError
+from pipeline.plan import build_plan, iter_shards, read_meta
+from pipeline.reader import Decoded, Failed, read_shard
+from pipeline.sources import ListingStats, input_kind, list_input, read_tar_members
+from pipeline.storage import FileSystems, with_retries
+from tests.corpus import encode, small_photo, write_good_corpus, write_sidecars
+
+EXPECTED_SIDECAR_SKIPS = {
+    "extension:.json": 2, "extension:.txt": 1, "extension:(none)": 1, "extension:.db": 1,
+    "extension:.mp4": 1, "hidden": 3, "hidden-dir": 1,
+}
+
+
+def listing(url: str, **kw) -> tuple[list[tuple[str, str]], ListingStats]:
+    stats = ListingStats()
+    return list(list_input(url, kw.pop("extensions", IMAGE_EXTENSIONS), stats=stats, **kw)), stats
+
+
+def cfg(shard_size: int) -> dict:
+    return load_config(None, [f"input.shard_size={shard_size}"])
+
+
+def reference_walk(root: Path) -> list[str]:
+    """The documented order: depth-first, each directory's entries sorted by name."""
+    out = []
+    for name in sorted(os.listdir(root)):
+        full = root / name
+        if full.is_dir():
+            if not name.startswith("."):
+                out += [f"{name}/{rel}" for rel in reference_walk(full)]
+        else:
+            out.append(name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int]]]:
+    root = tmp_path_factory.mktemp("corpus")
+    good = write_good_corpus(root)
+    write_sidecars(root)
+    return root, good
+
+
+def jpeg_bytes(i: int) -> bytes:
+    return encode(small_photo(i), "JPEG", quality=85)
+
+
+# -- folders and globs -------------------------------------------------------------------------
+
+def test_folder_walk_is_sorted_recursive_and_skips_sidecars_and_hidden_entries(corpus):
+    root, good = corpus
+    items, stats = listing(str(root))
+    ids = [i for i, _ in items]
+    assert sorted(ids) == sorted(good)  # every image (upper-case, unicode, spaces), no sidecar
+    assert ids == [r for r in reference_walk(root) if r in good]  # deterministic sorted walk
+    assert stats.kind == "folder" and stats.listed == len(good)
+    assert stats.skipped == EXPECTED_SIDECAR_SKIPS
+    for i, uri in items:  # uri: absolute local path, no file://, no percent-encoding
+        assert uri == str(root / i) and os.path.isabs(uri) and Path(uri).is_file()
+    assert "upper/PHOTO.JPG" in ids and "日本/写真 1.png" in ids and "café photo.jpg" in ids
+    assert items == listing(str(root))[0]  # same listing twice
+
+
+def test_extension_filter_is_case_insensitive_and_configurable(corpus):
+    root, _ = corpus
+    items, stats = listing(str(root), extensions=["JPG"])
+    ids = {i for i, _ in items}
+    assert "upper/PHOTO.JPG" in ids and "jpeg/baseline.jpg" in ids
+    assert not any(i.endswith((".png", ".jpeg", ".PnG")) for i in ids)
+    assert stats.skipped["extension:.png"] > 0
+
+
+def test_glob_lists_matches_relative_to_the_glob_root_and_skips_hidden(corpus):
+    root, good = corpus
+    items, stats = listing(f"{root}/jpeg/*.jpg")
+    assert stats.kind == "glob"
+    assert [i for i, _ in items] == sorted(r.split("/", 1)[1] for r in good
+                                           if r.startswith("jpeg/") and r.endswith(".jpg"))
+    deep, stats = listing(f"{root}/**/*.jpg")
+    ids = {i for i, _ in deep}
+    assert "png/.hidden.jpg" not in ids and ".cache/thumb.jpg" not in ids
+    assert "jpeg/baseline.jpg" in ids and "café photo.jpg" in ids
+    assert stats.skipped.get("hidden") == 3  # ._café photo.jpg, png/.hidden.jpg, .cache/thumb.jpg
+
+
+def test_missing_input_and_non_manifest_file_are_usage_errors(tmp_path, corpus):
+    root, _ = corpus
+    with pytest.raises(UsageError, match="not found"):
+        input_kind(str(tmp_path / "nope"))
+    with pytest.raises(UsageError, match="not a manifest"):
+        input_kind(str(root / "jpeg" / "baseline.jpg"))
+    with pytest.raises(UsageError, match="not found"):
+        list(build_plan(str(tmp_path / "nope"), str(tmp_path / "out"), cfg(2), "fp"))
+    assert not (tmp_path / "out").exists()  # nothing written for a missing input
+
+
+# -- manifests ---------------------------------------------------------------------------------
+
+def test_txt_manifest_resolves_relative_lines_against_its_folder(tmp_path, corpus):
+    root, _ = corpus
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    lines = [
+        "\ufeff# a comment, then a blank line",
+        "",
+        f"{os.path.relpath(root, lists)}/jpeg/baseline.jpg",   # relative with ..
+        f"  {root}/png/rgb.png  ",                              # absolute, whitespace stripped
+        f"file://{root}/gif/static.gif",
+        "./local dir/../local.jpg",
+        "s3://bucket/key with space.jpg",
+        "missing.jpg",
+    ]
+    (lists / "m.txt").write_text("\r\n".join(lines) + "\n", encoding="utf-8")
+    items, stats = listing(str(lists / "m.txt"))
+    assert stats.kind == "manifest"
+    assert items == [
+        (lines[2], str(root / "jpeg/baseline.jpg")),
+        (f"{root}/png/rgb.png", str(root / "png/rgb.png")),
+        (lines[4], str(root / "gif/static.gif")),
+        (lines[5], str(lists / "local.jpg")),
+        (lines[6], "s3://bucket/key with space.jpg"),
+        ("missing.jpg", str(lists / "missing.jpg")),  # existence is not checked at plan time
+    ]
+
+
+def test_csv_and_parquet_manifests_take_uri_and_optional_id_columns(tmp_path):
+    (tmp_path / "sub").mkdir()
+    csv_text = 'note,uri,id\nx,a.jpg,001\ny,"sub/b,c.jpg",\nz,  ,skipped\nw,/abs/d.jpg,  \n'
+    (tmp_path / "m.csv").write_text(csv_text, encoding="utf-8")
+    items, _ = listing(str(tmp_path / "m.csv"))
+    assert items == [("001", str(tmp_path / "a.jpg")),  # a numeric-looking id stays a string
+                     ("sub/b,c.jpg", str(tmp_path / "sub/b,c.jpg")),  # empty id -> the uri
+                     ("/abs/d.jpg", "/abs/d.jpg")]
+    (tmp_path / "noid.csv").write_text("uri\nx.png\n", encoding="utf-8")
+    assert listing(str(tmp_path / "noid.csv"))[0] == [("x.png", str(tmp_path / "x.png"))]
+    (tmp_path / "bad.csv").write_text("path\nx.png\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="no 'uri' column"):
+        listing(str(tmp_path / "bad.csv"))
+
+    table = pa.table({"id": pa.array([7, None, 9], pa.int64()), "uri": ["p/x.jpg", "s3://b/y.jpg", None]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    assert listing(str(tmp_path / "m.parquet"))[0] == [("7", str(tmp_path / "p/x.jpg")),
+                                                        ("s3://b/y.jpg", "s3://b/y.jpg")]
+    pq.write_table(pa.table({"url": ["x"]}), tmp_path / "bad.parquet")
+    with pytest.raises(UsageError, match="no 'uri' column"):
+        listing(str(tmp_path / "bad.parquet"))
+
+
+def test_manifest_that_is_not_utf8_is_a_usage_error(tmp_path):
+    (tmp_path / "m.txt").write_bytes(b"ok.jpg\n\xff\xfe bad.jpg\n")
+    with pytest.raises(UsageError, match="not UTF-8"):
+        listing(str(tmp_path / "m.txt"))
+
+
+def test_memory_filesystem_folder_and_manifest():
+    fs = fsspec.filesystem("memory")
+    base = "/vgg-sources-test"
+    if fs.exists(base):
+        fs.rm(base, recursive=True)
+    for rel in ("b/2.jpg", "a.png", "b/1.JPG", ".hidden/x.jpg", "b/.x.jpg", "b/note.json"):
+        fs.pipe(f"{base}/imgs/{rel}", jpeg_bytes(0))
+    fs.pipe(f"{base}/lists/m.txt", b"../imgs/a.png\nrel/x.jpg\n")
+    try:
+        items, stats = listing(f"memory://{base}/imgs")
+        assert items == [("a.png", f"memory://{base}/imgs/a.png"), ("b/1.JPG", f"memory://{base}/imgs/b/1.JPG"),
+                         ("b/2.jpg", f"memory://{base}/imgs/b/2.jpg")]
+        assert stats.skipped == {"hidden-dir": 1, "hidden": 1, "extension:.json": 1}
+        items, _ = listing(f"memory://{base}/lists/m.txt")
+        assert items == [("../imgs/a.png", f"memory://{base}/imgs/a.png"),
+                         ("rel/x.jpg", f"memory://{base}/lists/rel/x.jpg")]
+        assert FileSystems().read_bytes(items[0][1]) == jpeg_bytes(0)  # the uri opens as it is
+    finally:
+        fs.rm(base, recursive=True)
+
+
+# -- tar shards (webdataset) -------------------------------------------------------------------
+
+def write_tar(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+class NoSeek(io.RawIOBase):
+    """A forward-only stream: reading a tar through it proves nothing seeks or extracts."""
+
+    def __init__(self, data: bytes) -> None:
+        self._buf = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        chunk = self._buf.read(len(b))
+        b[: len(chunk)] = chunk
+        return len(chunk)
+
+    def seekable(self) -> bool:
+        return False
+
+    def seek(self, *args):  # noqa: D102
+        raise io.UnsupportedOperation("seek")
+
+
+def test_tar_shards_list_each_image_member_and_read_by_streaming(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    members = {"000/a.jpg": jpeg_bytes(0), "000/a.json": b"{}", "000/b.png": encode(small_photo(1), "PNG"),
+               "._000/a.jpg": b"junk", "001/c.JPEG": jpeg_bytes(2)}
+    write_tar(shards / "shard-000.tar", members)
+    write_tar(shards / "shard-001.tar", {"d.jpg": jpeg_bytes(3), "e.txt": b"caption"})
+    items, stats = listing(str(tmp_path / "shards" / "shard-000.tar"))
+    assert stats.kind == "tar"
+    tar_uri = str(shards / "shard-000.tar")
+    assert items == [(f"shard-000.tar#{m}", f"{tar_uri}#{m}") for m in ("000/a.jpg", "000/b.png", "001/c.JPEG")]
+    assert stats.skipped == {"tar-sidecar": 1, "hidden": 1}
+
+    items, stats = listing(str(shards))  # a folder of tars: members of each, in order
+    assert [i for i, _ in items] == ["shard-000.tar#000/a.jpg", "shard-000.tar#000/b.png",
+                                     "shard-000.tar#001/c.JPEG", "shard-001.tar#d.jpg"]
+    assert stats.skipped == {"tar-sidecar": 2, "hidden": 1}
+
+    before = sorted(os.listdir(shards))
+    uris = [u for _, u in items] + [f"{tar_uri}#000/missing.jpg"]
+    results = list(read_shard(uris, set(), FileSystems(), max_pixels=10**8, max_bytes=10**8,
+                              threads=2, prefetch=2))
+    assert [type(r) for r in results] == [Decoded] * 4 + [Failed]
+    assert (results[0].width, results[0].height) == small_photo(0).size
+    assert results[4].error.stage == "read" and results[4].error.error_type == "FileNotFoundError"
+    assert sorted(os.listdir(shards)) == before  # nothing extracted to disk
+
+    data = (shards / "shard-000.tar").read_bytes()
+    got = dict(read_tar_members(NoSeek(data), {"001/c.JPEG", "000/a.jpg"}))
+    assert got == {"000/a.jpg": members["000/a.jpg"], "001/c.JPEG": members["001/c.JPEG"]}
+
+
+# -- http(s) -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def http_root(tmp_path_factory):
+    """A local web server over a folder (no network beyond 127.0.0.1)."""
+    root = tmp_path_factory.mktemp("www")
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_http_manifest_with_relative_and_absolute_urls(http_root):
+    root, base = http_root
+    (root / "img").mkdir()
+    (root / "img" / "a.jpg").write_bytes(jpeg_bytes(0))
+    (root / "img" / "b.png").write_bytes(encode(small_photo(1), "PNG"))
+    (root / "lists").mkdir()
+    (root / "lists" / "m.txt").write_text(f"../img/a.jpg\n{base}/img/b.png\n../img/missing.jpg\n")
+    items, stats = listing(f"{base}/lists/m.txt")
+    assert stats.kind == "manifest"
+    assert items == [("../img/a.jpg", f"{base}/img/a.jpg"), (f"{base}/img/b.png", f"{base}/img/b.png"),
+                     ("../img/missing.jpg", f"{base}/img/missing.jpg")]
+    results = list(read_shard([u for _, u in items], set(), FileSystems(), max_pixels=10**8,
+                              max_bytes=10**8, threads=2, prefetch=3))
+    assert isinstance(results[0], Decoded) and (results[0].width, results[0].height) == small_photo(0).size
+    assert isinstance(results[1], Decoded) and (results[1].width, results[1].height) == small_photo(1).size
+    assert isinstance(results[2], Failed) and results[2].error.stage == "read"
+    assert results[2].error.error_type == "FileNotFoundError"  # a 404 is permanent: one row, no retry
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+def test_manifest_duplicate_ids_are_flagged_after_their_first_copy(tmp_path):
+    lines = ["a.jpg", "b.jpg", "a.jpg", "c.jpg", "b.jpg", "a.jpg", "d.jpg"]
+    (tmp_path / "m.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    shards = list(build_plan(str(tmp_path / "m.txt"), str(out), cfg(3), "fp"))
+    assert [s.ids for s in shards] == [lines[0:3], lines[3:6], lines[6:7]]
+    assert [d for s in shards for d in s.duplicate] == [False, False, True, False, True, True, False]
+    meta = read_meta(str(out))
+    assert meta["num_duplicates"] == 3 and meta["num_items"] == 7 and meta["num_shards"] == 3
+    assert meta["kind"] == "manifest" and meta["fingerprint"] == "fp"
+    again = list(iter_shards(str(out)))
+    assert [(s.index, s.ids, s.uris, s.duplicate) for s in again] == \
+        [(s.index, s.ids, s.uris, s.duplicate) for s in shards]
+    assert [s.index for s in iter_shards(str(out), skip={1})] == [0, 2]
+
+
+def test_duplicates_are_found_across_hash_buckets_and_plan_parts(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan_mod, "PART_ROWS", 7)
+    monkeypatch.setattr(plan_mod, "GROUP_ROWS", 3)
+    monkeypatch.setattr(plan_mod, "ID_BUCKETS", 4)
+    monkeypatch.setattr(plan_mod, "DEDUP_GROUP_ROWS", 10)  # several DuckDB passes, a few buckets each
+    ids = [f"img{i:03d}.jpg" for i in range(40)]
+    rows = ids + ids[::3] + ["img000.jpg"]  # 14 + 1 later copies
+    pq.write_table(pa.table({"uri": [f"/data/{i}" for i in rows], "id": rows}), tmp_path / "m.parquet")
+    out = tmp_path / "out"
+    shards = list(build_plan(str(tmp_path / "m.parquet"), str(out), cfg(5), "fp"))
+    flags = [d for s in shards for d in s.duplicate]
+    assert flags == [False] * 40 + [True] * 15
+    assert [i for s in shards for i in s.ids] == rows
+    meta = read_meta(str(out))
+    assert meta["num_duplicates"] == 15 and len(meta["parts"]) == 8  # 55 rows / 7 per part
+    assert [d for s in iter_shards(str(out)) for d in s.duplicate] == flags
+
+
+def test_folder_plan_streams_first_shard_before_the_listing_ends(tmp_path, monkeypatch):
+    root = tmp_path / "imgs"
+    for i in range(30):
+        (root / f"d{i // 10}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i // 10}" / f"{i:03d}.jpg").write_bytes(b"x")
+    pulled = []
+    real = plan_mod.list_input
+
+    def counting(*args, **kwargs):
+        for item in real(*args, **kwargs):
+            pulled.append(item[0])
+            yield item
+    monkeypatch.setattr(plan_mod, "list_input", counting)
+    out = tmp_path / "out"
+    gen = build_plan(str(root), str(out), cfg(4), "fp")
+    first = next(gen)
+    assert first.ids == ["d0/000.jpg", "d0/001.jpg", "d0/002.jpg", "d0/003.jpg"]
+    assert len(pulled) == 4  # the listing has only reached the first shard's images
+    assert read_meta(str(out)) is None  # the plan is not complete yet: no _meta.json
+    rest = list(gen)
+    assert len(pulled) == 30 and [s.index for s in rest] == list(range(1, 8))
+    meta = read_meta(str(out))
+    assert meta["num_items"] == 30 and meta["num_shards"] == 8 and meta["kind"] == "folder"
+    assert [s.ids for s in iter_shards(str(out))] == [first.ids] + [s.ids for s in rest]
+
+
+def test_plan_records_skipped_counts_and_replaces_an_old_plan(tmp_path, corpus):
+    root, good = corpus
+    out = tmp_path / "out"
+    (out / "_plan").mkdir(parents=True)
+    (out / "_plan" / "part-00099.parquet").write_bytes(b"stale")
+    shards = list(build_plan(str(root), str(out), cfg(10), "fp"))
+    assert sum(len(s) for s in shards) == len(good)
+    meta = json.loads((out / "_plan" / "_meta.json").read_text())
+    assert meta["skipped"] == EXPECTED_SIDECAR_SKIPS
+    assert sorted(os.listdir(out / "_plan")) == ["_meta.json"] + meta["parts"]
+
+
+# -- retries -----------------------------------------------------------------------------------
+
+def test_with_retries_retries_transient_errors_with_backoff():
+    calls = []
+
+    def flaky():
+        calls.append(time.perf_counter())
+        if len(calls) < 3:
+            raise OSError("503 SlowDown: please reduce your request rate")
+        return b"data"
+    t0 = time.perf_counter()
+    assert with_retries(flaky, "s3://b/k", base_delay=0.01) == b"data"
+    assert len(calls) == 3
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    assert gaps[0] >= 0.01 and gaps[1] >= 0.04  # exponential backoff: 0.01, then 0.04
+    assert time.perf_counter() - t0 < 2
+
+    resets = []
+
+    def reset():
+        resets.append(1)
+        raise ConnectionResetError("connection reset by peer")
+    with pytest.raises(ConnectionResetError):
+        with_retries(reset, "x", attempts=3, base_delay=0.001)
+    assert len(resets) == 3  # retried, then given up: the caller makes it an error row
+
+
+@pytest.mark.parametrize("exc", [FileNotFoundError("nope"), PermissionError("denied"),
+                                 OSError("403 Forbidden"), OSError("AccessDenied"), OSError("404 NoSuchKey")])
+def test_with_retries_raises_permanent_errors_at_once(exc):
+    calls = []
+
+    def fail():
+        calls.append(1)
+        raise exc
+    with pytest.raises(type(exc)):
+        with_retries(fail, "x", base_delay=1.0)
+    assert calls == [1]
+
+
+def test_read_errors_become_read_error_rows(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(jpeg_bytes(0))
+    big = encode(small_photo(0), "PNG")
+    (tmp_path / "big.png").write_bytes(big)
+    uris = [str(tmp_path / "ok.jpg"), str(tmp_path / "gone.jpg"), str(tmp_path / "big.png")]
+    limit = len(jpeg_bytes(0)) + 1
+    assert len(big) > limit
+    results = list(read_shard(uris, set(), FileSystems(), max_pixels=10**8, max_bytes=limit,
+                              threads=2, prefetch=2))
+    assert isinstance(results[0], Decoded)
+    assert (results[1].error.stage, results[1].error.error_type) == ("read", "FileNotFoundError")
+    assert (results[2].error.stage, results[2].error.error_type) == ("read", "TooLarge")
+
+
+def test_empty_manifest_and_empty_folder_plan_no_shards(tmp_path):
+    (tmp_path / "m.txt").write_text("# nothing yet\n\n")
+    (tmp_path / "empty").mkdir()
+    for src in (tmp_path / "m.txt", tmp_path / "empty"):
+        out = tmp_path / f"out-{src.name}"
+        assert list(build_plan(str(src), str(out), cfg(4), "fp")) == []
+        meta = read_meta(str(out))
+        assert (meta["num_items"], meta["num_shards"], meta["parts"]) == (0, 0, [])
+
+
+def test_http_status_errors_are_classified_by_status():
+    aiohttp = pytest.importorskip("aiohttp")
+
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    def status_error(status: int) -> Exception:
+        url = URL("http://h/x")
+        info = aiohttp.RequestInfo(url, "GET", CIMultiDictProxy(CIMultiDict()), url)
+        return aiohttp.ClientResponseError(info, (), status=status, message="x")
+    calls = []
+
+    def throttled():
+        calls.append(1)
+        if len(calls) == 1:
+            raise status_error(503)
+        if len(calls) == 2:
+            raise aiohttp.ServerDisconnectedError()
+        return 1
+    assert with_retries(throttled, "http://h/x", base_delay=0.001) == 1 and len(calls) == 3
+    denied = []
+
+    def forbidden():
+        denied.append(1)
+        raise status_error(403)
+    with pytest.raises(aiohttp.ClientResponseError):
+        with_retries(forbidden, "http://h/x", base_delay=1.0)
+    assert denied == [1]
+    with pytest.raises(ValueError):  # not a storage error: never retried
+        with_retries(lambda: int("x"), "x", base_delay=1.0)
