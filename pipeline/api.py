@@ -4,7 +4,7 @@ Example::
 
     >>> import pipeline
     >>> summary = pipeline.extract("photos/", "out/", weights="random:0",
-    ...                            model={"arch": "vgg11"}, input__shard_size=100)  # doctest: +SKIP
+    ...                            model={"arch": "vgg11"}, input={"shard_size": 100})  # doctest: +SKIP
     >>> emb = pipeline.load_embeddings("out/")                                     # doctest: +SKIP
     >>> emb.vectors.shape                                                          # doctest: +SKIP
     (12, 4096)
@@ -27,14 +27,14 @@ def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def extract(input: str, output: str, *, weights: Optional[str] = None, conf: Optional[str] = None,
+def extract(input: str, output: str, /, *, weights: Optional[str] = None, conf: Optional[str] = None,
             storage_options: Optional[dict] = None, address: Optional[str] = None,
             overwrite: bool = False, dry_run: bool = False, progress: bool = False,
             **overrides: Any) -> dict:
     """Extract fc7 + logits for every image of ``input`` into ``output``; returns the run summary.
 
-    ``overrides`` are config keys, either as sections (``model={"arch": "vgg11"}``) or with
-    ``__`` for the dot (``runtime__batch_size=16``).  Raises :class:`pipeline.errors.UsageError`
+    ``overrides`` are config keys, either as sections (``model={"arch": "vgg11"}``,
+    ``input={"shard_size": 100}``) or with ``__`` for the dot (``runtime__batch_size=16``).  Raises :class:`pipeline.errors.UsageError`
     for bad arguments and :class:`pipeline.errors.JobFailed` if the job cannot finish.
     """
     from .driver import run_extract

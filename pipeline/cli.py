@@ -134,6 +134,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as exc:
         print(f"vgg-pipeline: error: {exc}", file=sys.stderr)
         return 2
+    except PermissionError as exc:  # storage refused our credentials: fixable by the user
+        print(f"vgg-pipeline: error: access denied: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+              file=sys.stderr)
+        return 2
     except JobFailed as exc:
         print(f"vgg-pipeline: job failed: {exc}", file=sys.stderr)
         return 1

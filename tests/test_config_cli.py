@@ -106,3 +106,12 @@ def test_dry_run_plans_without_a_model(photo_dir, tmp_path, capsys):
     counts = json.loads(capsys.readouterr().out)
     assert counts["images"] == 10 and counts["shards"] == 4
     assert (out / "_plan" / "_meta.json").exists() and not (out / "embeddings").exists()
+
+
+def test_python_api_takes_config_sections_including_input(photo_dir, tmp_path):
+    import pipeline
+    counts = pipeline.extract(str(photo_dir), str(tmp_path / "out"), weights="random:0", dry_run=True,
+                              input={"shard_size": 4}, runtime__batch_size=2)
+    assert counts["images"] == 10 and counts["shards"] == 3
+    with pytest.raises(UsageError, match="unknown config key"):
+        pipeline.extract(str(photo_dir), str(tmp_path / "out2"), dry_run=True, input={"shardsize": 4})
