@@ -1,0 +1,95 @@
+"""index + search end to end: images find themselves, near-duplicates find their originals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import pipeline
+from pipeline.cli import main
+from pipeline.search import search
+from tests.corpus import sample_photos
+
+
+@pytest.fixture(scope="module")
+def searchable(ray_local, vgg11_weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    photos = root / "photos"
+    photos.mkdir()
+    for name, img in sample_photos()[:8]:
+        img.thumbnail((320, 320))
+        img.save(photos / f"{name}.jpg", quality=90)
+    out = root / "out"
+    pipeline.extract(str(photos), str(out), weights=str(vgg11_weights), model={"arch": "vgg11"},
+                     input={"shard_size": 3}, runtime={"batch_size": 4})
+    return photos, out
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_every_image_finds_itself_first(searchable, kind, capsys):
+    photos, out = searchable
+    assert main(["index", str(out), "--kind", kind, "--quiet"]) == 0
+    assert (out / "index" / f"fc7-{kind}.faiss").exists()
+    files = sorted(photos.iterdir())
+    capsys.readouterr()
+    assert main(["search", str(out), *map(str, files), "--k", "3", "--json", "--kind", kind]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in results] == list(map(str, files))
+    for r, f in zip(results, files):
+        top = r["results"][0]
+        assert set(top) == {"rank", "id", "uri", "score"}
+        assert (top["rank"], top["id"], top["uri"]) == (1, f.name, str(f))
+        assert top["score"] == pytest.approx(1.0, abs=2e-3)  # float16 storage vs fresh float32
+        assert len(r["results"]) == 3
+    by_id = search(str(out), [files[2].name], k=1, kind=kind)
+    assert by_id[0]["results"][0]["id"] == files[2].name
+    assert by_id[0]["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_resized_reencoded_copy_finds_its_original(searchable, tmp_path):
+    photos, out = searchable
+    search(str(out), [], k=1) if (out / "index").exists() else main(["index", str(out), "--kind", "flat", "--quiet"])
+    for original in sorted(photos.iterdir())[:4]:
+        copy = tmp_path / (original.stem + "-copy.png")
+        img = Image.open(original)
+        img.resize((img.width * 2 // 3, img.height * 2 // 3)).save(copy)
+        hit = search(str(out), [str(copy)], k=1, kind="flat")[0]["results"][0]
+        assert hit["id"] == original.name, (copy, hit)
+
+
+def test_clear_errors(searchable, tmp_path, capsys):
+    photos, out = searchable
+    bare = tmp_path / "bare"
+    import shutil
+    shutil.copytree(out, bare)
+    shutil.rmtree(bare / "index", ignore_errors=True)
+    assert main(["search", str(bare), "whatever.jpg"]) == 2
+    assert "vgg-pipeline index" in capsys.readouterr().err
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    assert main(["search", str(bare), str(bad), "--build-index"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be used" in err[0]
+    assert (bare / "index" / "fc7-flat.faiss").exists()  # --build-index made one
+    assert main(["search", str(bare), "no-such-id"]) == 2
+    assert main(["search", str(bare), str(photos / "astronaut.jpg"), "--weights", "random:5"]) == 2
+    assert "differ from the weights" in capsys.readouterr().err
+
+
+def test_duckdb_and_pandas_read_the_output_as_is(searchable):
+    import duckdb
+    import pandas as pd
+    _, out = searchable
+    glob = str(out / "embeddings" / "*.parquet")
+    con = duckdb.connect()
+    types = dict(row[:2] for row in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{glob}')").fetchall())
+    assert types["id"] == "VARCHAR" and types["fc7"] in ("FLOAT[]", "FLOAT[4096]")
+    assert types["logits"] in ("FLOAT[]", "FLOAT[1000]")
+    assert con.execute(f"SELECT min(len(fc7)), max(len(fc7)) FROM read_parquet('{glob}')").fetchone() == (4096, 4096)
+    assert types["width"] == "INTEGER"
+    assert con.execute(f"SELECT count(*) FROM read_parquet('{glob}')").fetchone()[0] == 8
+    df = pd.read_parquet(out / "embeddings")
+    assert len(df) == 8 and len(df["fc7"].iloc[0]) == 4096 and len(df["logits"].iloc[0]) == 1000
