@@ -12,6 +12,7 @@ Guarantees:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -26,23 +27,20 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .config import model_fingerprint, redact
-from .errors import ItemError, UsageError
+from .errors import ItemError, JobFailed, UsageError
 from .plan import Shard, build_plan, iter_shards, read_meta
 from .sources import input_kind
-from .storage import join, url_to_fs, write_atomic
+from .storage import is_local, join, url_to_fs, write_atomic
 from .verify import shard_counts
 from .weights import weights_identity
-from .writer import (EMBEDDINGS_DIR, METADATA_KEY, SUCCESS, ShardRows, done_shards, embeddings_schema,
-                     embeddings_table, errors_table, part_name, write_shard)
+from .writer import (EMBEDDINGS_DIR, ERRORS_DIR, METADATA_KEY, SUCCESS, ShardRows, done_shards,
+                     embeddings_schema, embeddings_table, errors_table, part_name, write_shard)
 
 log = logging.getLogger(__name__)
 
 ACTOR_START_TIMEOUT_S = 900.0   # a pool with no ready actor for this long means the cluster cannot host one
+ACTOR_WAIT_WARN_S = 60.0        # ... and after this long the user is told what the driver waits for
 OUTPUT_ENTRIES = ("_plan", "embeddings", "errors", "index", SUCCESS)
-
-
-class JobFailed(Exception):
-    """The job could not complete (exit 1); what is written stays valid and resumable."""
 
 
 # ----------------------------------------------------------------------------- output state
@@ -52,7 +50,6 @@ def prepare_output(input_url: str, output: str, fingerprint: str, shard_size: in
     """Check OUTPUT against this job; returns the reusable plan meta (or None to (re)plan)."""
     fs, root = url_to_fs(output, storage_options)
     meta = read_meta(output, storage_options)
-    has_parts = fs.exists(join(root, EMBEDDINGS_DIR))
     if overwrite:
         for entry in OUTPUT_ENTRIES:
             if fs.exists(join(root, entry)):
@@ -69,10 +66,32 @@ def prepare_output(input_url: str, output: str, fingerprint: str, shard_size: in
             log.warning("input.shard_size=%s ignored: resuming the existing plan of %s images per shard",
                         shard_size, meta.get("shard_size"))
         return meta
-    if has_parts and not fs.exists(join(root, "_plan")):
-        raise UsageError(f"{output} has embeddings/ but no _plan/: not a resumable vgg-pipeline output; "
-                         "use --overwrite or another OUTPUT")
+    done = sorted(done_shards(output, storage_options))
+    if done:  # a job killed before its plan was complete: are its finished shards ours?
+        md = _part_metadata(fs, join(root, EMBEDDINGS_DIR, part_name(done[0])))
+        if md is None:
+            raise UsageError(f"{output} has embeddings/ that vgg-pipeline did not write: not a resumable "
+                             "output; use --overwrite or another OUTPUT")
+        if md.get("job") != job_identity(input_url, fingerprint):
+            raise UsageError(f"{output} holds an unfinished job with another input, model, weights or "
+                             "preprocessing; use --overwrite to replace it")
     return None
+
+
+def job_identity(input_url: str, fingerprint: str) -> dict:
+    """Stored in every part file's metadata: lets a job whose plan was never completed be resumed
+    safely (a finished shard is only kept if it was made from the same input with the same model)."""
+    return {"input_sha256": hashlib.sha256(input_url.encode()).hexdigest()[:16], "fingerprint": fingerprint}
+
+
+def _part_metadata(fs, path: str) -> Optional[dict]:
+    """The ``vgg_pipeline`` metadata of a part file; None if it has none or is not Parquet."""
+    try:
+        with fs.open(path, "rb") as f:
+            raw = (pq.read_schema(f).metadata or {}).get(METADATA_KEY)
+        return json.loads(raw) if raw else None
+    except (OSError, ValueError, pa.ArrowException):
+        return None
 
 
 # ----------------------------------------------------------------------------- Ray pool
@@ -144,8 +163,46 @@ def _pool_shape(cfg: dict, ray) -> tuple[int, dict]:
 
 
 def _is_actor_death(exc: BaseException) -> bool:
+    """The actor (or its node) is gone, as opposed to an exception raised by ``process``."""
     from ray import exceptions as rex
-    return isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError))
+    # RayActorError covers ActorDiedError (process or node died) and ActorUnavailableError.
+    return isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError,
+                            rex.NodeDiedError, rex.OutOfMemoryError, rex.ActorUnschedulableError))
+
+
+def _kill(ray, actor) -> None:
+    """``ray.kill`` that never raises: the actor may already be gone with its node."""
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("kill: %s", exc)
+
+
+def remove_temp_files(output: str, storage_options: Optional[dict] = None) -> int:
+    """Delete ``.part-*.tmp-*`` files a killed writer left in OUTPUT (local disks only).
+
+    Object stores never show half files (one PUT), so there is nothing to clean there.
+    """
+    fs, root = url_to_fs(output, storage_options)
+    if not is_local(fs):
+        return 0
+    removed = 0
+    for sub in (EMBEDDINGS_DIR, ERRORS_DIR):
+        directory = os.path.join(root, sub)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.startswith(".part-") and ".tmp-" in name:
+                try:
+                    os.unlink(os.path.join(directory, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    if removed:
+        log.info("removed %d temporary files left by an interrupted writer", removed)
+    return removed
 
 
 def _init_ray(address: Optional[str]):
@@ -213,7 +270,7 @@ def run_extract(input_url: str, output: str, cfg: dict, *, storage_options: Opti
         shards = build_plan(input_url, output, cfg, fingerprint, storage_options)
         total = None
         if done:  # an interrupted plan: only keep finished shards whose contents are unchanged
-            shards = _drop_stale(shards, done, output, storage_options)
+            shards = _drop_stale(shards, done, output, storage_options, job_identity(input_url, fingerprint))
 
     if dry_run:
         n = sum(len(s) for s in shards)
@@ -221,37 +278,40 @@ def run_extract(input_url: str, output: str, cfg: dict, *, storage_options: Opti
         return {"dry_run": True, "images": n, "shards": meta.get("num_shards"),
                 "skipped": meta.get("skipped", {}), "duplicates": meta.get("num_duplicates", 0)}
 
+    remove_temp_files(output, storage_options)  # left by writers killed in an earlier run
     ray, owns_ray = _init_ray(address)
     try:
-        stats = _Scheduler(ray, cfg, output, storage_options, progress).run(shards, done, total)
+        job = job_identity(input_url, fingerprint)
+        stats = _Scheduler(ray, cfg, output, storage_options, progress, job).run(shards, done, total)
     except KeyboardInterrupt:
         log.warning("interrupted: finished shards are kept; rerun the same command to resume")
         raise
     finally:
         if owns_ray:
             ray.shutdown()
+        remove_temp_files(output, storage_options)  # an actor killed mid-write leaves its temp file
     return _write_success(input_url, output, cfg, fingerprint, w, stats, time.perf_counter() - t0,
                           storage_options)
 
 
 def _drop_stale(shards: Iterator[Shard], done: set[int], output: str,
-                storage_options: Optional[dict]) -> Iterator[Shard]:
-    """Re-planning after a crash mid-plan: a finished shard whose ids changed is redone."""
+                storage_options: Optional[dict], job: dict) -> Iterator[Shard]:
+    """Re-planning after a crash mid-plan: a finished shard is kept only if it holds exactly the
+    ids now planned for it and was made by the same job (input, model, weights); else it is redone."""
     fs, root = url_to_fs(output, storage_options)
     for shard in shards:
         if shard.index in done:
-            path = join(root, EMBEDDINGS_DIR, part_name(shard.index))
-            with fs.open(path, "rb") as f:
-                md = json.loads((pq.read_schema(f).metadata or {}).get(METADATA_KEY, b"{}"))
-            if md.get("shard_digest") != shard.digest:
-                log.warning("shard %d changed since it was written; redoing it", shard.index)
+            md = _part_metadata(fs, join(root, EMBEDDINGS_DIR, part_name(shard.index))) or {}
+            if md.get("shard_digest") != shard.digest or md.get("job") != job:
+                log.warning("shard %d was written by another plan or job; redoing it", shard.index)
                 done.discard(shard.index)
         yield shard
 
 
 class _Scheduler:
-    def __init__(self, ray, cfg: dict, output: str, storage_options: Optional[dict], progress: bool) -> None:
-        self.ray, self.cfg, self.output, self.so = ray, cfg, output, storage_options
+    def __init__(self, ray, cfg: dict, output: str, storage_options: Optional[dict], progress: bool,
+                 job: dict) -> None:
+        self.ray, self.cfg, self.output, self.so, self.job = ray, cfg, output, storage_options, job
         self.progress_enabled = progress
         rt = cfg["runtime"]
         self.max_retries = rt["max_retries"]
@@ -263,6 +323,8 @@ class _Scheduler:
         self.queue: deque[Work] = deque()         # retries and bisection pieces go first
         self.owner: dict[Any, tuple[Slot, Work]] = {}
         self.bisections: dict[int, _Bisection] = {}
+        self.start_failures = 0
+        self.warned_wait = False
         self.stats = {"shards_done": 0, "shards_resumed": 0, "retries": 0, "actor_failures": 0,
                       "bisected_shards": 0, "timeouts": 0, "images_this_run": 0}
         self.stage_s = {"read_s": 0.0, "decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
@@ -273,21 +335,44 @@ class _Scheduler:
         cls = self.ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0,
                                                    scheduling_strategy="SPREAD", **self.actor_opts)
         threads = int(self.actor_opts["num_cpus"]) if not self.actor_opts["num_gpus"] else None
-        actor = cls.remote(self.cfg, self.output, self.so, threads)
+        actor = cls.remote(self.cfg, self.output, self.so, threads, self.job)
         slot = Slot(actor, actor.ready.remote())
         self.slots.append(slot)
         return slot
 
-    def _retire(self, slot: Slot, kill: bool) -> list[Work]:
+    def _retire(self, slot: Slot, reason: str, error_type: str) -> None:
+        """Kill a dead or stuck actor, start a replacement and re-queue the shards it held.
+
+        Its tasks run in submission order, so the oldest unfinished one is the shard that was
+        running when it died: only that one is charged an attempt.  Shards queued behind it are
+        innocent and go back to the front of the queue as they were; tasks that had already
+        finished are collected, not redone.
+        """
         if slot in self.slots:
             self.slots.remove(slot)
-        if kill:
-            self.ray.kill(slot.actor, no_restart=True)
-        lost = [self.owner.pop(ref)[1] for ref in slot.inflight if ref in self.owner]
+        _kill(self.ray, slot.actor)
+        lost: list[Work] = []
+        for ref in slot.inflight:
+            entry = self.owner.pop(ref, None)
+            if entry is None:
+                continue
+            done, _ = self.ray.wait([ref], timeout=0)
+            if done:
+                try:
+                    result = self.ray.get(ref)
+                except Exception:  # noqa: BLE001 - lost with the actor
+                    lost.append(entry[1])
+                else:
+                    self._result(entry[1], result)
+                continue
+            lost.append(entry[1])
         slot.inflight.clear()
         self.stats["actor_failures"] += 1
         self._start_actor()
-        return lost
+        if lost:
+            suspect, innocent = lost[0], lost[1:]
+            self.queue.extendleft(reversed(innocent))
+            self._failed(suspect, reason, error_type)
 
     # -- work
     def _submit(self, slot: Slot, work: Work) -> None:
@@ -298,7 +383,8 @@ class _Scheduler:
         slot.inflight.append(ref)
         self.owner[ref] = (slot, work)
 
-    def _failed(self, work: Work, reason: str) -> None:
+    def _failed(self, work: Work, reason: str, error_type: str) -> None:
+        """Charge ``work`` one failed attempt: retry it, bisect it, or make its image an error row."""
         work.attempts += 1
         if work.whole and work.attempts <= self.max_retries:
             self.stats["retries"] += 1
@@ -322,8 +408,8 @@ class _Scheduler:
             self.queue.appendleft(work)
             return
         shard = work.shard
-        err = ItemError("model", "WorkerCrashed",
-                        f"the worker process died on this image {work.attempts} times ({reason})")
+        what = "made no progress on" if error_type == "Timeout" else "died on"
+        err = ItemError("model", error_type, f"the worker {what} this image {work.attempts} times ({reason})")
         schema = embeddings_schema(self.cfg["output"]["fc7_dtype"], self.cfg["output"]["top_k"],
                                    self._descriptor_dim())
         meta = {"shard": shard.index}
@@ -343,11 +429,15 @@ class _Scheduler:
             emb_all, err_all = b.tables()
             # Metadata of a worker-made piece (model, weights, versions), with the whole shard's digest.
             pieces = [e for e, _ in b.done.values() if "model" in _metadata(e)] or [emb_all]
-            md = dict(_metadata(pieces[0]), shard=work.shard.index, shard_digest=work.shard.digest)
+            md = dict(_metadata(pieces[0]), shard=work.shard.index, shard_digest=work.shard.digest,
+                      job=self.job)
             md_bytes = {METADATA_KEY: json.dumps(md)}
             emb_all = emb_all.replace_schema_metadata(md_bytes)
             err_all = err_all.replace_schema_metadata(md_bytes)
-            write_shard(self.output, work.shard.index, emb_all, err_all, self.so)
+            try:
+                write_shard(self.output, work.shard.index, emb_all, err_all, self.so)
+            except Exception as exc:  # noqa: BLE001 - a storage failure ends the job, cleanly
+                raise JobFailed(f"cannot write shard {work.shard.index}: {_root_message(exc)}") from None
             del self.bisections[work.shard.index]
             self._shard_written(len(work.shard), err_all.num_rows)
 
@@ -358,56 +448,64 @@ class _Scheduler:
 
     def run(self, shards: Iterator[Shard], done: set[int], total: Optional[int]) -> dict:
         self.bar = _Progress(self.progress_enabled, total, 0)
-        listed = 0
-        source = iter(shards)
-        exhausted = False
-        for _ in range(self.num_actors):
-            self._start_actor()
-        last_ready = time.monotonic()
+        self.source, self.done, self.listed, self.total = iter(shards), done, 0, total
+        self.exhausted = False
         try:
-            while True:
+            first = self._next_work()  # finished shards are skipped without waiting for an actor
+            if first is not None:       # (a finished job starts none at all)
+                self.queue.append(first)
+                for _ in range(self.num_actors):
+                    self._start_actor()
+            last_ready = time.monotonic()
+            while self.queue or self.owner or not self.exhausted:
                 # Top up: give every ready actor work while the in-flight window allows.
                 for slot in [s for s in self.slots if s.ready]:
                     while len(slot.inflight) < self.per_actor and len(self.owner) < self.window:
-                        if self.queue:
-                            work = self.queue.popleft()
-                        elif not exhausted:
-                            shard = next(source, None)
-                            if shard is None:
-                                exhausted = True
-                                break
-                            listed += len(shard)
-                            if shard.index in done:
-                                self.stats["shards_resumed"] += 1
-                                self.bar.advance(len(shard), 0, sum(s.ready for s in self.slots), 0)
-                                continue
-                            work = Work(shard)
-                        else:
+                        work = self.queue.popleft() if self.queue else self._next_work()
+                        if work is None:
                             break
                         self._submit(slot, work)
-                    if exhausted and total is None:
-                        total = listed
-                        self.bar.set_total(total)
-                if exhausted and not self.owner and not self.queue:
+                if not (self.queue or self.owner or not self.exhausted):
                     break
                 self._wait(last_ready)
                 if any(s.ready for s in self.slots):
                     last_ready = time.monotonic()
         finally:
             self.bar.close()
-            for slot in self.slots:
-                self.ray.kill(slot.actor, no_restart=True)
+            for slot in self.slots:  # ready, busy or still pending (e.g. no node can host it)
+                _kill(self.ray, slot.actor)
+            self.slots.clear()
         elapsed = time.perf_counter() - self.bar.started
         self.stats["wall_s"] = round(elapsed, 2)
         self.stats["img_per_s"] = round(self.stats["images_this_run"] / elapsed, 2) if elapsed else 0.0
         self.stats["stage_seconds"] = {k: round(v, 2) for k, v in self.stage_s.items()}
         return self.stats
 
+    def _next_work(self) -> Optional[Work]:
+        """The next planned shard that is not finished yet; None once the plan is exhausted."""
+        while not self.exhausted:
+            shard = next(self.source, None)
+            if shard is None:
+                self.exhausted = True
+                if self.total is None:
+                    self.total = self.listed
+                    self.bar.set_total(self.listed)
+                return None
+            self.listed += len(shard)
+            if shard.index in self.done:
+                self.stats["shards_resumed"] += 1
+                self.bar.advance(len(shard), 0, sum(s.ready for s in self.slots), len(self.queue))
+                continue
+            return Work(shard)
+        return None
+
     def _wait(self, last_ready: float) -> None:
         ray = self.ray
         pending_ready = {s.ready_ref: s for s in self.slots if not s.ready}
         refs = list(self.owner) + list(pending_ready)
         if not refs:
+            if not self.slots:  # every worker failed to start and none is left to wait for
+                raise JobFailed("no worker is left to run the remaining shards")
             time.sleep(0.1)
             return
         finished, _ = ray.wait(refs, num_returns=1, timeout=1.0)
@@ -422,11 +520,18 @@ class _Scheduler:
                 self.stats["timeouts"] += 1
                 log.warning("actor on %s made no progress for %.0fs; killing it", slot.info.get("host"),
                             now - slot.busy_since)
-                for work in self._retire(slot, kill=True):
-                    self._failed(work, f"timeout after {self.timeout_s:.0f}s")
-        if not any(s.ready for s in self.slots) and now - last_ready > max(ACTOR_START_TIMEOUT_S, self.timeout_s):
-            raise JobFailed("no worker could be started on the cluster for "
-                            f"{now - last_ready:.0f}s (resources: {self.actor_opts})")
+                self._retire(slot, f"no result for {self.timeout_s:g}s", "Timeout")
+        if any(s.ready for s in self.slots):
+            self.warned_wait = False
+            return
+        waited = now - last_ready
+        if waited > max(ACTOR_START_TIMEOUT_S, self.timeout_s):
+            raise JobFailed(f"no worker could be started on the cluster for {waited:.0f}s "
+                            f"(each needs {self.actor_opts}; cluster: {self.ray.available_resources()})")
+        if waited > ACTOR_WAIT_WARN_S and not self.warned_wait:
+            self.warned_wait = True
+            log.warning("no worker running for %.0fs: waiting for the cluster to offer %s (available: %s)",
+                        waited, self.actor_opts, self.ray.available_resources())
 
     def _actor_started(self, slot: Slot, ref) -> None:
         try:
@@ -436,25 +541,42 @@ class _Scheduler:
         except Exception as exc:  # noqa: BLE001
             message = _root_message(exc)
             self.slots.remove(slot)
+            _kill(self.ray, slot.actor)
             if "WeightsError" in message or "UsageError" in message:
                 raise UsageError(message.split(": ", 1)[-1]) from None
-            raise JobFailed(f"a worker failed to start: {message}") from None
+            # Anything else (its node died while it loaded, OOM...) may be transient: start another,
+            # within a budget, and carry on with the actors that work.
+            self.start_failures += 1
+            if self.start_failures > self.num_actors * (self.max_retries + 1):
+                if not any(s.ready for s in self.slots):
+                    raise JobFailed(f"workers keep failing to start: {message}") from None
+                log.warning("a worker failed to start (%s); continuing with %d", message,
+                            sum(s.ready for s in self.slots))
+                return
+            log.warning("a worker failed to start (%s); starting another", message)
+            self._start_actor()
 
     def _collect(self, ref) -> None:
-        slot, work = self.owner.pop(ref)
-        if ref in slot.inflight:
-            slot.inflight.remove(ref)
-        slot.busy_since = time.monotonic()
+        slot, work = self.owner[ref]
         try:
             result = self.ray.get(ref)
         except Exception as exc:  # noqa: BLE001
             if _is_actor_death(exc):
-                lost = self._retire(slot, kill=True)
-                for w in [work] + lost:
-                    self._failed(w, "worker died")
-            else:
-                self._failed(work, _root_message(exc))
+                log.warning("actor on %s died: %s", slot.info.get("host"), _root_message(exc))
+                self._retire(slot, "worker died", "WorkerCrashed")
+                return
+            self._forget(ref, slot)
+            self._failed(work, _root_message(exc), "WorkerError")
             return
+        self._forget(ref, slot)
+        self._result(work, result)
+
+    def _forget(self, ref, slot: Slot) -> None:
+        del self.owner[ref]
+        slot.inflight.remove(ref)
+        slot.busy_since = time.monotonic()  # progress: the timeout clock restarts
+
+    def _result(self, work: Work, result: Any) -> None:
         if isinstance(result, tuple):  # a bisection piece: tables come back to the driver
             emb, err, summary = result
             self._piece_done(work, emb, err)

@@ -28,8 +28,11 @@ from .writer import ShardRows, embeddings_schema, embeddings_table, errors_table
 
 log = logging.getLogger(__name__)
 
-# Test-only fault injection: a worker that reaches this id exits abruptly, like a segfaulting decoder.
+# Test-only fault injection (tests/test_faults.py), read from the actor's environment: a worker
+# that reaches the CRASH id exits abruptly, like a segfaulting decoder; one that reaches the HANG id
+# blocks forever, like a wedged read or driver, until the driver's shard timeout kills it.
 CRASH_ENV = "VGG_PIPELINE_FAULT_CRASH_ID"
+HANG_ENV = "VGG_PIPELINE_FAULT_HANG_ID"
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -51,9 +54,10 @@ class ShardWorker:
     """Processes shards; ``process(shard)`` writes its files and returns a summary dict."""
 
     def __init__(self, cfg: dict, output: str, storage_options: Optional[dict] = None,
-                 num_threads: Optional[int] = None) -> None:
+                 num_threads: Optional[int] = None, job: Optional[dict] = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg, self.output, self.storage_options = cfg, output, storage_options
+        self.job = job  # the driver's job identity (input + model fingerprint), kept for resume checks
         self.mapper = make_mapper(cfg, storage_options, num_threads)
         self.fsys = FileSystems(storage_options)
         rt = cfg["runtime"]
@@ -77,7 +81,7 @@ class ShardWorker:
             model_meta.update(scales=m["scales"], scale_aggregation=m["scale_aggregation"])
         return {
             "model": model_meta,
-            "weights": {"spec": w.spec if not w.spec.startswith("/") else os.path.basename(w.spec),
+            "weights": {"spec": w.spec,
                         "name": w.name, "sha256": w.sha256, "random": w.is_random},
             "preprocessing": PREPROCESSING,
             "dtypes": {"fc7": self.cfg["output"]["fc7_dtype"], "logits": "float32",
@@ -87,6 +91,7 @@ class ShardWorker:
                          "python": platform.python_version()},
             "shard": shard.index,
             "shard_digest": shard.digest,
+            "job": self.job,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         }
 
@@ -100,7 +105,7 @@ class ShardWorker:
         dup = {i for i, d in enumerate(shard.duplicate) if d}
         results: dict[int, Any] = {p: ItemError("list", "DuplicateId", "id already listed earlier in the input")
                                    for p in dup}
-        crash_id = os.environ.get(CRASH_ENV)
+        crash_id, hang_id = os.environ.get(CRASH_ENV), os.environ.get(HANG_ENV)
         batch: list[Decoded] = []
 
         def flush() -> None:
@@ -114,6 +119,9 @@ class ShardWorker:
         def before(pos: int) -> None:
             if crash_id and shard.ids[pos] == crash_id:
                 os._exit(17)
+            if hang_id and shard.ids[pos] == hang_id:
+                while True:
+                    time.sleep(3600)
 
         for res in read_shard(shard.uris, dup, self.fsys, max_pixels=inp["max_pixels"],
                               max_bytes=inp["max_bytes"], threads=self.threads,
