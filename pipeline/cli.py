@@ -90,9 +90,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from .driver import run_extract
     cfg = load_config(args.conf, args.set, {"model.weights": args.weights} if args.weights else None)
     storage = parse_storage_options(args.storage_option)
+    show_bar = not args.no_progress and sys.stderr.isatty()
+    if not show_bar and not args.no_progress:  # e.g. inside a Ray job: periodic progress lines instead
+        logging.getLogger("pipeline.driver").setLevel(logging.INFO)
     summary = run_extract(args.input, args.output, cfg, storage_options=storage, address=args.address,
                           overwrite=args.overwrite, dry_run=args.dry_run,
-                          progress=not args.no_progress and sys.stderr.isatty())
+                          progress=show_bar)
     if args.dry_run:
         print(json.dumps(summary))
         return 0

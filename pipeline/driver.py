@@ -38,6 +38,7 @@ from .writer import (EMBEDDINGS_DIR, ERRORS_DIR, METADATA_KEY, SUCCESS, ShardRow
 
 log = logging.getLogger(__name__)
 
+PROGRESS_LOG_S = 30.0  # how often progress is logged when there is no terminal for a bar
 ACTOR_START_TIMEOUT_S = 900.0   # a pool with no ready actor for this long means the cluster cannot host one
 ACTOR_WAIT_WARN_S = 60.0        # ... and after this long the user is told what the driver waits for
 OUTPUT_ENTRIES = ("_plan", "embeddings", "errors", "index", SUCCESS)
@@ -152,7 +153,11 @@ def _pool_shape(cfg: dict, ray) -> tuple[int, dict]:
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
-    if gpus and rt["device"] != "cpu":
+    if rt["device"] == "cuda" and not gpus and not rt["num_actors"]:
+        # An autoscaling cluster starts with no GPU node: pending GPU actors are what scales it up.
+        raise UsageError("runtime.device=cuda but the cluster has no GPU yet; set runtime.num_actors "
+                         "(how many GPU workers to request) so the autoscaler can add them")
+    if rt["device"] == "cuda" or (gpus and rt["device"] != "cpu"):
         n = rt["num_actors"] or gpus
         cpus = rt["cpus_per_actor"] or max(1.0, min(8.0, resources.get("CPU", 1) / max(gpus, 1) - 0.5))
         return n, {"num_gpus": 1, "num_cpus": cpus}
@@ -227,12 +232,15 @@ class _Progress:
         self.errors = 0
         self.started = time.perf_counter()
         self.initial = initial
+        self.bar_total = total
+        self.last_log = self.started
         if enabled:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="img", dynamic_ncols=True,
                             file=sys.stderr, smoothing=0.1, desc="extract")
 
     def set_total(self, total: int) -> None:
+        self.bar_total = total
         if self.bar is not None and self.bar.total != total:
             self.bar.total = total
             self.bar.refresh()
@@ -243,6 +251,14 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(n)
             self.bar.set_postfix(errors=self.errors, actors=alive, queued=queued, refresh=False)
+        elif time.perf_counter() - self.last_log >= PROGRESS_LOG_S:  # no terminal (e.g. a Ray job's log)
+            self.last_log = time.perf_counter()
+            elapsed = self.last_log - self.started
+            rate = (self.done - self.initial) / elapsed if elapsed else 0.0
+            total = self.bar_total
+            eta = f", ETA {(total - self.done) / rate:.0f}s" if total and rate else ""
+            log.info("progress: %d/%s images, %.2f img/s%s, %d errors, %d actors", self.done,
+                     total if total else "?", rate, eta, self.errors, alive)
 
     def close(self) -> None:
         if self.bar is not None:

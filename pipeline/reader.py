@@ -96,10 +96,14 @@ def _read_error(exc: BaseException) -> ItemError:
 
 
 def read_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_pixels: int, max_bytes: int,
-               threads: int, prefetch: int, keep_image: bool = False,
+               threads: int, prefetch: int, keep_image: bool = False, min_side: int = RESIZE,
                times: Optional[StageTimes] = None,
                before_item: Optional[Callable[[int], None]] = None) -> Iterator[Union[Decoded, Failed]]:
-    """Decode ``uris`` (positions in ``skip`` are left out) in order, ``prefetch`` items ahead."""
+    """Decode ``uris`` (positions in ``skip`` are left out) in order, ``prefetch`` items ahead.
+
+    ``min_side`` is the smallest shorter side the mapper will resize to (JPEG draft decoding keeps
+    4x that); the dense descriptor raises it to its largest scale.
+    """
     tars = _TarCache(fsys, uris)
     times = times if times is not None else StageTimes()
 
@@ -114,7 +118,7 @@ def read_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_pixels
         t1 = time.perf_counter()
         try:
             img, (width, height) = decode_with_size(data, max_pixels=max_pixels, max_bytes=max_bytes,
-                                                    min_side=RESIZE)
+                                                    min_side=min_side)
             pixels = preprocess_pil(img)
         except ItemError as exc:
             return Failed(pos, exc)

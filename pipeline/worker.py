@@ -21,7 +21,7 @@ from . import __version__
 from .errors import ItemError
 from .extractor import Extractor
 from .plan import Shard
-from .preprocess import DESCRIPTION as PREPROCESSING
+from .preprocess import DESCRIPTION as PREPROCESSING, RESIZE
 from .reader import Decoded, StageTimes, read_shard
 from .storage import FileSystems
 from .writer import ShardRows, embeddings_schema, embeddings_table, errors_table, write_shard
@@ -127,6 +127,7 @@ class ShardWorker:
                               max_bytes=inp["max_bytes"], threads=self.threads,
                               prefetch=2 * self.batch_size,
                               keep_image=getattr(self.mapper, "needs_image", False),
+                              min_side=max(RESIZE, getattr(self.mapper, "min_side", RESIZE)),
                               times=times, before_item=before):
             if isinstance(res, Decoded):
                 batch.append(res)
@@ -151,6 +152,7 @@ class ShardWorker:
             rows.logits.append(out["logits"][None])
             if "descriptor" in out:
                 rows.descriptor.append(out["descriptor"][None])
+                rows.dense_probs.append(out["dense_probs"][None])
         meta = self.metadata(shard)
         emb, err = embeddings_table(rows, self.schema, meta), errors_table(rows.errors, meta)
         summary = {"shard": shard.index, "rows": emb.num_rows, "errors": err.num_rows,

@@ -42,6 +42,8 @@ def embeddings_schema(fc7_dtype: str = "float16", top_k: int = 0,
         fields.append((f"top{top_k}", pa.list_(pa.int32())))
     if descriptor_dim:
         fields.append(("descriptor", pa.list_(pa.float32(), descriptor_dim)))
+        # the dense network's class scores: softmax averaged over positions, flips and scales
+        fields.append(("dense_probs", pa.list_(pa.float32(), NUM_CLASSES)))
     return pa.schema(fields)
 
 
@@ -53,6 +55,7 @@ class ShardRows:
     fc7: list[np.ndarray] = field(default_factory=list)        # batches (b, 4096)
     logits: list[np.ndarray] = field(default_factory=list)     # batches (b, 1000)
     descriptor: list[np.ndarray] = field(default_factory=list)  # batches (b, D), optional
+    dense_probs: list[np.ndarray] = field(default_factory=list)  # batches (b, 1000), with descriptor
     widths: list[int] = field(default_factory=list)
     heights: list[int] = field(default_factory=list)
     errors: list[tuple[str, str, str, str, str]] = field(default_factory=list)
@@ -80,6 +83,7 @@ def embeddings_table(rows: ShardRows, schema: pa.Schema, metadata: dict) -> pa.T
     if "descriptor" in schema.names:
         dim = schema.field("descriptor").type.list_size
         columns["descriptor"] = _fixed_list(rows.descriptor, dim, np.float32)
+        columns["dense_probs"] = _fixed_list(rows.dense_probs, NUM_CLASSES, np.float32)
     return pa.table(columns, schema=schema.with_metadata({METADATA_KEY: json.dumps(metadata)}))
 
 

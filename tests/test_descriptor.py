@@ -227,6 +227,9 @@ def test_extract_end_to_end(ray_local, vgg11_weights, tmp_path, how, dim):
     assert emb.vectors.shape == (2, dim)
     np.testing.assert_allclose(np.linalg.norm(emb.vectors, axis=1), 1.0, rtol=1e-5)
     assert load_embeddings(str(out), "fc7").vectors.shape == (2, 4096)
+    probs = load_embeddings(str(out), "dense_probs").vectors  # the dense class scores, own column
+    assert probs.shape == (2, 1000)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-4)
     part = sorted((out / "embeddings").glob("part-*.parquet"))[0]
     meta = json.loads(pq.read_schema(part).metadata[b"vgg_pipeline"])
     assert meta["model"]["descriptor"] == "dense-multiscale"
