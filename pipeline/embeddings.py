@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 METADATA_KEY = b"vgg_pipeline"
 EMBEDDINGS_DIR = "embeddings"
+_NORM_BLOCK = 4096  # rows per l2_normalize step: a float64 temporary of <= 128 MiB at d=4096
 
 
 @dataclass
@@ -56,13 +58,15 @@ class Embeddings:
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Scale each row of the float array ``x`` to unit L2 norm, in place; all-zero rows stay zero.
 
-    Returns ``x``.  Norms come from ``einsum`` so no temporary the size of ``x`` is made.
+    Returns ``x``.  Works in row blocks, so temporaries stay small whatever the size of ``x``.
     """
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"l2_normalize needs a 2-d float array, got {x.dtype} {x.shape}")
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
-    norms[norms == 0] = 1.0
-    x /= norms.astype(x.dtype)[:, None]
+    for start in range(0, len(x), _NORM_BLOCK):
+        block = x[start:start + _NORM_BLOCK]
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block, dtype=np.float64))  # float64: 4096 terms
+        norms[norms == 0] = 1.0
+        block /= norms.astype(x.dtype)[:, None]
     return x
 
 
@@ -142,6 +146,37 @@ def iter_embeddings(output: str, column: str = "fc7", *, batch_size: int = 65536
                     l2_normalize(vectors)
                 yield Embeddings(batch.column("id").to_pylist(), batch.column("uri").to_pylist(),
                                  vectors, meta)
+
+
+def vectors_for_ids(output: str, ids: list[str], column: str = "fc7", *,
+                    normalize: bool = False, storage_options: Optional[dict] = None) -> np.ndarray:
+    """The float32 ``column`` vectors of ``ids`` (in that order), e.g. to search by id.
+
+    Reads every file's ``id`` column but only the row groups that hold a wanted id.
+    Raises :class:`UsageError` naming the ids that are not in ``OUTPUT``.
+    """
+    wanted = pa.array(list(dict.fromkeys(ids)), pa.string())
+    found: dict[str, np.ndarray] = {}
+    fs, files = _require_parts(output, storage_options)
+    for name in files:
+        with _parquet(fs, name) as pf:
+            d = _vector_dim(pf, column, name)
+            for g in range(pf.num_row_groups):
+                group_ids = pf.read_row_group(g, columns=["id"]).column("id")
+                hits = pc.indices_nonzero(pc.is_in(group_ids, value_set=wanted)).to_numpy()
+                if len(hits) == 0:
+                    continue
+                table = pf.read_row_group(g, columns=["id", column]).take(pa.array(hits))
+                block = vector_matrix(table.column(column), d, name).astype(np.float32)
+                found.update(zip(table.column("id").to_pylist(), block))
+        if len(found) == len(wanted):
+            break
+    missing = [i for i in ids if i not in found]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UsageError(f"not in {output}: {', '.join(map(repr, missing[:5]))}{more}")
+    out = np.stack([found[i] for i in ids]) if ids else np.empty((0, 0), np.float32)
+    return l2_normalize(out) if normalize and len(out) else out
 
 
 def count_rows(output: str, storage_options: Optional[dict] = None) -> int:

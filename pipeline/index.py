@@ -3,13 +3,15 @@
 Vectors are L2-normalised before they go in and queries are normalised by
 :meth:`LoadedIndex.search`, so inner product = cosine similarity throughout.  Kinds:
 
-``flat``    exact (``IndexFlatIP``): 4·d bytes a vector; right up to a few 100k vectors.
-``ivf-pq``  ``IndexIVFPQ`` (64 sub-quantizers × 8 bits for 4096-d) whose candidates are
-            re-ranked by an 8-bit scalar-quantized copy (``IndexRefine``): ~d+64 bytes a vector.
-``hnsw``    ``IndexHNSWFlat`` graph (M=32): fastest queries, 4·d + ~2·M·4 bytes a vector.
+``flat``    exact (``IndexFlatIP``), 4·d bytes a vector; no training; each query scans everything.
+``ivf-pq``  ``IndexIVFPQ`` (nlist ≈ 4·√n lists, 64 sub-quantizers × 8 bits at 4096-d) whose
+            16·k best candidates are re-ranked with an 8-bit scalar-quantized copy of the
+            vectors (``IndexRefine``): ≈ d + 64 bytes a vector, a quarter of flat.
+``hnsw``    ``IndexHNSWFlat`` graph (M=32, efConstruction=80): 4·d + ~2·M·4 bytes a vector,
+            slowest to build.
 
-Defaults are tuned on ``benchmarks/search.py`` (recall@10 ≥ 0.95; see docs/benchmarks.md) and
-can be overridden with ``params``.  Files, per column and kind::
+Defaults are tuned with ``benchmarks/search.py`` (recall@10 ≥ 0.95 at 100k × 4096; see
+docs/benchmarks.md) and can be overridden with ``params``.  Files, per column and kind::
 
     OUTPUT/index/<column>-<kind>.faiss        the index (faiss.write_index)
     OUTPUT/index/<column>-<kind>.ids.parquet  id, uri of faiss row i
@@ -59,7 +61,7 @@ PARAM_DEFAULTS: dict[str, dict[str, object]] = {
     "flat": {},
     "ivf-pq": {"nlist": None, "m": None, "nbits": None, "nprobe": 32, "train_size": None,
                "refine": "sq8", "k_factor": 16, "seed": 0},
-    "hnsw": {"M": 32, "ef_construction": 200, "ef_search": 128},
+    "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128},
 }
 
 

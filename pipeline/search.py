@@ -27,26 +27,9 @@ COLUMNS = ("fc7", "descriptor")
 
 
 def default_kind(rows: int) -> str:
-    """Exact search while it is cheap, a graph beyond, compressed codes for the very large."""
-    if rows <= 100_000:
-        return "flat"
-    return "hnsw" if rows <= 2_000_000 else "ivf-pq"
-
-
-def _stored_vectors(output: str, ids: list[str], column: str, storage_options: Optional[dict]) -> dict[str, np.ndarray]:
-    """Vectors of ``ids`` read from the embeddings files (a scan of the id column)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-    from .embeddings import embedding_files, vector_matrix
-    from .storage import url_to_fs
-    if not ids:
-        return {}
-    fs, _ = url_to_fs(output, storage_options)
-    files = [fs._strip_protocol(f) for f in embedding_files(output, storage_options)]
-    dataset = ds.dataset(files, filesystem=fs, format="parquet")
-    table = dataset.to_table(columns=["id", column], filter=pc.field("id").isin(ids))
-    matrix = vector_matrix(table.column(column), None, column)
-    return dict(zip(table.column("id").to_pylist(), matrix))
+    """Exact search while it is cheap; beyond, IVF-PQ with re-ranking: on 100k x 4096 it built
+    faster, answered faster and was 3.7x smaller than HNSW at recall@10 >= 0.95 (docs/benchmarks.md)."""
+    return "flat" if rows <= 100_000 else "ivf-pq"
 
 
 class QueryEmbedder:
@@ -112,12 +95,15 @@ def _is_image_path(query: str, storage_options: Optional[dict]) -> bool:
 def search(output: str, queries: list[str], *, k: int = 10, column: str = "fc7", kind: Optional[str] = None,
            weights: Optional[str] = None, storage_options: Optional[dict] = None) -> list[dict]:
     """Top ``k`` neighbours for each query (an id in ``output`` or an image path/URI)."""
+    from .embeddings import vectors_for_ids
     from .index import load_index
     if column not in COLUMNS:
         raise UsageError(f"--column must be one of {', '.join(COLUMNS)}")
     index = load_index(output, column, kind, storage_options)
     known = set(index.ids)
-    by_id = _stored_vectors(output, [q for q in queries if q in known], column, storage_options)
+    id_queries = list(dict.fromkeys(q for q in queries if q in known))
+    by_id = dict(zip(id_queries, vectors_for_ids(output, id_queries, column, storage_options=storage_options)
+                     if id_queries else []))
     embedder: Optional[QueryEmbedder] = None
     vectors, classes = [], []
     for q in queries:
@@ -202,7 +188,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build a FAISS index of OUTPUT's embeddings under OUTPUT/index/")
     p.add_argument("output", metavar="OUTPUT")
     p.add_argument("--kind", choices=("auto", "flat", "ivf-pq", "hnsw"), default="auto",
-                   help="auto: flat up to 100k rows, hnsw up to 2M, ivf-pq beyond")
+                   help="auto: flat up to 100k rows, ivf-pq beyond")
     p.add_argument("--column", choices=COLUMNS, default="fc7")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.embeddings import (Embeddings, embedding_files, iter_embeddings, l2_normalize,
-                                 load_embeddings, vector_matrix)
+                                 load_embeddings, vector_matrix, vectors_for_ids)
 from pipeline.errors import UsageError
 from pipeline.index import LoadedIndex, build_index, load_index, make_index
 
@@ -125,6 +125,18 @@ def test_iter_embeddings_batches_cover_all_rows(small_output):
     assert all(b.vectors.flags.writeable and b.vectors.dtype == np.float32 for b in batches)
 
 
+def test_vectors_for_ids_in_the_asked_order(small_output):
+    root, fc7, ids = small_output
+    want = [ids[450], ids[3], ids[450], ids[250]]  # across files, repeated, out of order
+    got = vectors_for_ids(str(root), want)
+    assert got.dtype == np.float32 and got.shape == (4, FC7)
+    np.testing.assert_array_equal(got, fc7[[450, 3, 450, 250]].astype(np.float16).astype(np.float32))
+    unit = vectors_for_ids(str(root), [ids[1]], normalize=True)
+    assert np.linalg.norm(unit) == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(UsageError, match="not in .*'nope.jpg'"):
+        vectors_for_ids(str(root), [ids[0], "nope.jpg"])
+
+
 def test_l2_normalize_in_place_and_zero_rows():
     x = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
     out = l2_normalize(x)
@@ -132,6 +144,8 @@ def test_l2_normalize_in_place_and_zero_rows():
     np.testing.assert_allclose(x, [[0.6, 0.8], [0.0, 0.0]])
     with pytest.raises(ValueError):
         l2_normalize(np.ones((2, 2), dtype=np.int64))
+    many = np.random.default_rng(0).standard_normal((10_000, 3)).astype(np.float32)  # > one block
+    np.testing.assert_allclose(np.linalg.norm(l2_normalize(many), axis=1), 1.0, rtol=1e-6)
 
 
 def test_vector_matrix_respects_slice_offset():
