@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import pipeline
+from tests.conftest import extract_thumbnails
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "search.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
@@ -15,15 +15,8 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
 
 @pytest.fixture(scope="module")
 def doc_output(ray_local, vgg11_weights, tmp_path_factory):
-    from tests.corpus import sample_photos
     root = tmp_path_factory.mktemp("docs")
-    photos = root / "photos"
-    photos.mkdir()
-    for name, img in sample_photos()[:5]:
-        img.thumbnail((256, 256))
-        img.save(photos / f"{name}.jpg")
-    pipeline.extract(str(photos), str(root / "out"), weights=str(vgg11_weights), model={"arch": "vgg11"},
-                     input={"shard_size": 2})
+    extract_thumbnails(root, 5, vgg11_weights, side=256, input={"shard_size": 2})
     return root
 
 
