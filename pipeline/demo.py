@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field",
-          "immunohistochemistry", "cat")
+          "immunohistochemistry")
 
 
 def make_photos(folder: str) -> list[str]:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     import pipeline
-    from pipeline.errors import WeightsError
+    from pipeline.errors import UsageError
     from torchvision.models import VGG16_Weights
 
     photos, output = os.path.join(args.dir, "photos"), os.path.join(args.dir, "out")
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = pipeline.extract(photos, output, weights=weights, progress=True,
                                    runtime={"device": "auto"}, output={"top_k": 5})
-    except WeightsError as exc:
+    except UsageError as exc:  # e.g. no network to download the ImageNet weights
         print(f"   could not get {weights} weights ({exc}); falling back to random weights")
         weights = "random:0"
         shutil.rmtree(output, ignore_errors=True)
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         logits = np.asarray(row["logits"], dtype=np.float32)
         p = np.exp(logits - logits.max())
         p /= p.sum()
-        top = ", ".join(f"{categories[i]} {p[i]:.0%}" for i in row["top5"])
+        top = ", ".join(f"{categories[i]} {p[i]:.1%}" for i in row["top5"])
         print(f"   {row['id']:<28} {row['width']}x{row['height']:<5} {top}")
     return 0
 
