@@ -1,0 +1,135 @@
+"""Model-only throughput: the pipeline's mapper (:class:`pipeline.extractor.Extractor`) on a
+ready-made normalised batch, no reading, no decoding, no writing.
+
+The ceiling the end-to-end run is compared with (``benchmarks/end_to_end.py --compare-model-only``).
+On CUDA the batch is already on the device (no H2D); fc7 and logits are copied back to the host as
+in the pipeline.  Each (precision, batch size) pair: ``--warmup`` batches, then ``--repeat``
+measurements of ``--images`` images each; the median is the figure, min and max the noise.
+
+Usage::
+
+    python benchmarks/model_only.py --device cpu --arch vgg16 --batch-size 8 --threads 2 --images 32
+    python benchmarks/model_only.py --device cuda --arch vgg16 --precision bf16,fp16,fp32 \\
+        --batch-size 64,128,256 --images 4096 --repeat 5 --doc
+    python benchmarks/model_only.py --device cuda --precision bf16 --batch-size 256 --compile  # + torch.compile rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+log = logging.getLogger("model_only")
+
+
+def measure(extractor, batch_size: int, images: int, warmup: int, repeat: int) -> tuple[list[float], list[float]]:
+    """img/s and process CPU seconds per image of ``repeat`` timed runs of ``ceil(images / batch_size)``
+    batches each.  CPU time counts every thread of this process (on a shared machine it is the
+    steadier figure: work per image, whatever share of the cores the process got)."""
+    import torch
+    device = extractor.device
+    x = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    for _ in range(warmup):
+        extractor(x)
+    steps = max(1, -(-images // batch_size))
+    rates, cpu = [], []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            extractor(x)  # returns host numpy arrays: the device is synchronised by the copy
+        rates.append(steps * batch_size / (time.perf_counter() - t0))
+        cpu.append((time.process_time() - c0) / (steps * batch_size))
+    return rates, cpu
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    import torch
+
+    from pipeline.extractor import Extractor
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("model_only.py: --device cuda but no CUDA device is visible")
+    results = []
+    for precision in args.precision:
+        for compiled in ([False, True] if args.compile else [False]):
+            ex = Extractor(args.arch, args.weights, device=args.device, precision=precision,
+                           num_threads=args.threads)
+            if compiled:
+                ex.model = torch.compile(ex.model)
+            for bs in args.batch_size:
+                rates, cpu = measure(ex, bs, args.images, args.warmup, args.repeat)
+                s = common.summary(rates)
+                results.append({"device": args.device, "arch": args.arch, "precision": ex.precision,
+                                "compile": compiled, "batch_size": bs, "threads": torch.get_num_threads(),
+                                "img_per_s": s["median"], "min": s["min"], "max": s["max"], "runs": rates,
+                                "cpu_s_per_img": common.summary(cpu)["median"]})
+                log.info("%s", results[-1])
+            del ex
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    return results
+
+
+def render(results: list[dict]) -> str:
+    rows = [(r["device"], r["arch"], r["precision"] + (" +compile" if r["compile"] else ""), r["batch_size"],
+             r["threads"], common.spread(r["runs"], 2), f"{r['cpu_s_per_img']:.3f}") for r in results]
+    return common.table(["device", "arch", "precision", "batch", "torch threads", "img/s median (min-max)",
+                         "CPU s/img"], rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--arch", default="vgg16")
+    p.add_argument("--weights", default="random:0", help="as extract --weights (speed does not depend on them)")
+    p.add_argument("--precision", default=None,
+                   help="comma list of fp32,bf16,fp16 (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--batch-size", default=None, help="comma list (default: 8 on cpu, 64,128,256 on cuda)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads on cpu (default: all cores, as a CPU actor uses)")
+    p.add_argument("--images", type=int, default=None, help="images per timed run (default 32 cpu, 2048 cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed batches first (default 1 cpu, 10 cuda)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also measure torch.compile(model)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--doc", action="store_true", help="append the table to docs/benchmarks-perf.md")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.precision = (args.precision or ("bf16" if cuda else "fp32")).split(",")
+    args.batch_size = [int(b) for b in (args.batch_size or ("64,128,256" if cuda else "8")).split(",")]
+    args.images = args.images or (2048 if cuda else 32)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    if args.threads is None and not cuda:
+        import os
+        args.threads = len(os.sched_getaffinity(0))
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    m = common.machine()
+    results = run(args)
+    if args.json:
+        print(json.dumps({"machine": m, "results": results}))
+        return 0
+    body = render(results)
+    print(body)
+    if args.doc:
+        common.append_doc(f"Model only, {args.arch} on {args.device}", body, m)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Smoke tests of the performance benchmarks: each script runs end to end on a tiny setting,
+prints its table and appends to the doc.  Figures are not asserted (2 shared cores), only that
+they are there and sane.  The three that start a local Ray per run are marked ``slow``."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import end_to_end  # noqa: E402
+import model_only  # noqa: E402
+
+
+@pytest.fixture
+def doc(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "perf.md"
+    monkeypatch.setattr(common, "DOC", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench-jpegs")
+    common.make_jpeg_set(root, 4, sizes=[(320, 240), (240, 320)])
+    return root
+
+
+def _number(cell: str) -> float:
+    return float(re.match(r"\**([0-9.]+)", cell.strip()).group(1))
+
+
+def _rows(out: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_jpeg_set_is_realistic_and_reused(tmp_path):
+    from PIL import Image
+    paths = common.make_jpeg_set(tmp_path, 3, sizes=[(500, 375), (1920, 1080)])
+    with Image.open(paths[1]) as img:
+        assert (img.format, img.size) == ("JPEG", (1920, 1080))
+    before = [p.stat().st_mtime_ns for p in paths]
+    assert common.make_jpeg_set(tmp_path, 3, sizes=[(500, 375), (1920, 1080)]) == paths
+    assert [p.stat().st_mtime_ns for p in paths] == before  # reused, not rewritten
+
+
+def test_machine_and_doc(doc):
+    m = common.machine()
+    assert m["cores"] >= 1 and m["cpu"] and m["versions"]["torch"] != "-"
+    common.append_doc("Title", common.table(["a", "b"], [(1, 2.5)]), m, command="python x.py")
+    text = doc.read_text()
+    assert "## Title" in text and "| 1 | 2.50 |" in text and "`python x.py`" in text and m["cpu"] in text
+
+
+def test_model_only_prints_a_table(doc, capsys):
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        assert model_only.main(["--arch", "vgg11", "--batch-size", "1,2", "--images", "2", "--repeat", "2",
+                                "--warmup", "0", "--threads", "1", "--doc"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the rest of the session keeps its threads
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu")]
+    assert [[c.strip() for c in r[:5]] for r in rows] == [["cpu", "vgg11", "fp32", "1", "1"],
+                                                          ["cpu", "vgg11", "fp32", "2", "1"]]
+    assert all(_number(r[5]) > 0 for r in rows)
+    assert "Model only, vgg11 on cpu" in doc.read_text()
+
+
+@pytest.mark.slow  # a fresh local Ray per run: ~15-60 s on 2 shared cores
+def test_end_to_end_compares_with_model_only(jpegs, doc, capsys):
+    assert end_to_end.main(["--data", str(jpegs), "--images", "4", "--arch", "vgg11", "--shard-size", "1",
+                            "--batch-size", "1", "--compare-model-only", "--model-images", "2", "--doc"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert _number(rows["pipeline steady img/s"][0]) > 0
+    assert _number(rows["model-only img/s (same arch, batch, threads)"][0]) > 0
+    ratio = _number(rows["**ratio steady / model-only img/s** (medians)"][0])
+    assert 0 < ratio < 100
+    assert _number(rows["pipeline actor CPU s/img (steady)"][0]) > 0
+    assert 0 < _number(rows["CPU efficiency: model-only CPU s/img / actor CPU s/img"][0]) < 100
+    assert any(k.startswith("actor model s") for k in rows) and any(k.startswith("actor decode s") for k in rows)
+    assert "vgg-pipeline" in doc.read_text() or "pipeline.cli" in doc.read_text()
+
+
+def test_steady_state_uses_the_commit_times(tmp_path):
+    import os
+    emb = tmp_path / "embeddings"
+    emb.mkdir()
+    for i, t in enumerate((100, 102, 106)):
+        p = emb / f"part-{i:05d}.parquet"
+        p.write_bytes(b"")
+        os.utime(p, ns=(t * 10**9, t * 10**9))
+    shards = [{"shard": 0, "rows": 5, "errors": 0}, {"shard": 1, "rows": 4, "errors": 0},
+              {"shard": 2, "rows": 3, "errors": 1}]
+    rate, per_image = end_to_end.steady_state(tmp_path, shards)
+    assert rate == pytest.approx((4 + 4) / 6) and per_image == pytest.approx(6 / 8)
+
+
+@pytest.mark.slow  # a fresh local Ray per run: ~15-60 s on 2 shared cores
+def test_baselines_run_the_same_job(jpegs, doc, capsys):
+    import baselines
+    assert baselines.main(["--data", str(jpegs), "--images", "4", "--arch", "vgg11", "--batch-size", "2",
+                           "--threads", "1", "--num-workers", "1", "--modes", "raydata,dataloader",
+                           "--json"]) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert [r["mode"] for r in results] == ["raydata", "dataloader"]
+    assert all(r["images"] == 4 and r["steady_img_per_s"] > 0 for r in results)
+
+
+@pytest.mark.slow  # a fresh local Ray per run: ~15-60 s on 2 shared cores
+def test_memory_reports_driver_and_actor_peaks(doc, capsys):
+    import memory
+    code = memory.main(["--sizes", "20,60", "--shard-size", "20", "--interval", "0.1", "--tolerance", "10",
+                        "--doc"])
+    assert code == 0
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert rows["20"][:2] == ["1", "20"] and rows["60"][:2] == ["3", "60"]  # shards, error rows
+    assert all(_number(rows[n][3]) > 50 and _number(rows[n][4]) > 50 for n in ("20", "60"))  # MiB
+    assert "driver peak 20 -> 60 images" in out and "Peak memory" in doc.read_text()
