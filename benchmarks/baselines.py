@@ -214,7 +214,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--data", type=Path, default=None)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks-perf.md")
+    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks.md")
     p.add_argument("--run-one", choices=MODES[1:], help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """Shared by the performance benchmarks: the machine, a JPEG set, statistics, tables, the doc.
 
 Every benchmark prints a Markdown table and, with ``--doc``, appends it to
-``docs/benchmarks-perf.md`` together with the machine it ran on (CPU model, cores, GPU), the
+``docs/benchmarks.md`` together with the machine it ran on (CPU model, cores, GPU), the
 package versions and the exact command, so each figure in the doc can be reproduced.
 """
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DOC = REPO / "docs" / "benchmarks-perf.md"
+DOC = REPO / "docs" / "benchmarks.md"
 
 # Realistic photo sizes (web and camera exports), cycled over the generated set.
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = (

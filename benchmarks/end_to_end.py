@@ -206,7 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "workers they start), e.g. MALLOC_MMAP_MAX_=0; repeatable")
     p.add_argument("--data", type=Path, default=None, help="JPEG folder (default: generated in the temp dir)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks-perf.md")
+    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks.md")
     args = p.parse_args(argv)
     args.shard_size = args.shard_size or max(1, args.images // 4)
     return args

@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interval", type=float, default=0.2, help="sampling period, seconds")
     p.add_argument("--tolerance", type=float, default=0.10)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks-perf.md")
+    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks.md")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     return args

@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also measure torch.compile(model)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.add_argument("--doc", action="store_true", help="append the table to docs/benchmarks-perf.md")
+    p.add_argument("--doc", action="store_true", help="append the table to docs/benchmarks.md")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.precision = (args.precision or ("bf16" if cuda else "fp32")).split(",")

@@ -6,7 +6,7 @@ kind is built with :func:`pipeline.index.make_index` — the same code ``build_i
 and compared against exact search (``flat``), which is also the ground truth.
 
     python benchmarks/search.py --n 100000 --d 4096 --queries 1000 --clusters 1000 \\
-        --kinds ivf-pq,hnsw --sweep --append-doc docs/benchmarks-search.md
+        --kinds ivf-pq,hnsw --sweep --append-doc docs/benchmarks.md
 
 Reported per kind: build time (train + add), query latency (one batch of all queries, and
 one query at a time), recall@k against exact search, and the index's serialized size
