@@ -275,8 +275,6 @@ def run_extract(input_url: str, output: str, cfg: dict, *, storage_options: Opti
     w = weights_identity(m["weights"], m["arch"], storage_options)
     fingerprint = model_fingerprint(cfg, w.name, w.sha256)
     meta = prepare_output(input_url, output, fingerprint, cfg["input"]["shard_size"], overwrite, storage_options)
-    if w.is_random:
-        log.warning("WEIGHTS ARE RANDOM (%s): features and classes are meaningless; for tests and demos only", w.name)
 
     done = done_shards(output, storage_options)
     if meta is not None:
