@@ -73,6 +73,7 @@ _SOS, _APP1, _APP14 = 0xDA, 0xE1, 0xEE
 _SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded
 _SOF_PROGRESSIVE = 0xC2
 _NOT_SOF = (0xC4, 0xC8, 0xCC)    # DHT, JPG, DAC share the 0xC0..0xCF range
+_WANTED = frozenset(m for m in range(0xC0, 0xD0) if m not in _NOT_SOF) | {_APP1, _APP14}
 _EXIF, _XMP = b"Exif\x00\x00", b"http://ns.adobe.com/xap/1.0/\x00"
 _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # what PIL's getexif falls back to
 
@@ -118,8 +119,10 @@ def parse_jpeg_header(data: bytes) -> Optional[JpegHeader]:
         length = (data[i + 1] << 8) | data[i + 2]
         if length < 2 or i + 1 + length > n:
             return None
-        seg = data[i + 3:i + 1 + length]
-        i += 1 + length
+        start, i = i + 3, i + 1 + length
+        if marker not in _WANTED:
+            continue  # skip without copying (ICC profiles, thumbnails... can be 64 KB)
+        seg = data[start:i]
         if 0xC0 <= marker <= 0xCF and marker not in _NOT_SOF:
             if sof is not None or len(seg) < 6:
                 return None
