@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pipeline.decode import IMAGE_EXTENSIONS, decode_image  # noqa: E402
 from pipeline.descriptor import MIN_SCALE, DenseExtractor  # noqa: E402
@@ -39,6 +39,8 @@ from pipeline.errors import ItemError, UsageError  # noqa: E402
 from pipeline.extractor import Extractor  # noqa: E402
 from pipeline.preprocess import RESIZE, preprocess_pil  # noqa: E402
 from pipeline.reader import Decoded  # noqa: E402
+
+from common import cpu_model  # noqa: E402  (benchmarks/common.py)
 
 log = logging.getLogger("retrieval")
 MAX_PIXELS = MAX_BYTES = 100_000_000
@@ -125,17 +127,6 @@ def parse_scales(text: str) -> list[int]:
     return scales
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def timed_embed(mapper: Extractor, items: list[Decoded], column: str, batch_size: int
                 ) -> tuple[np.ndarray, float]:
     """``column`` for every item in batches, and images per second (after a 1-image warm-up)."""
@@ -172,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
         "random_weights": weights.is_random, "scales": scales, "aggregation": args.aggregation,
         "descriptor_dim": int(desc.shape[1]), "batch_size": args.batch_size, "device": device,
         "threads": torch.get_num_threads(), "machine": (torch.cuda.get_device_name() if device.startswith("cuda")
-                    else f"{cpu_name()} ({os.cpu_count()} cores)"),
+                    else f"{cpu_model()} ({os.cpu_count()} cores)"),
         "map": {"fc7": fc7_map, "descriptor": desc_map},
         "img_per_s": {"fc7": fc7_rate, "descriptor": dense_rate},
         "relative_cost": fc7_rate / dense_rate,
