@@ -125,6 +125,13 @@ def make_jpeg_set(root: Path, n: int, *, sizes: Sequence[tuple[int, int]] = DEFA
     return paths
 
 
+def jpeg_pixels(data: bytes) -> int:
+    """width x height of an encoded image, from its header."""
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as img:
+        return img.width * img.height
+
+
 # -- process trees -------------------------------------------------------------------------------
 
 

@@ -102,6 +102,7 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "runtime.precision": ("auto", _choice("auto", "bf16", "fp16", "fp32")),
     "runtime.cpus_per_actor": (None, _optional(_number)),
     "runtime.decode_threads": (None, _optional(_int(1))),
+    "runtime.decode": ("auto", _choice("auto", "cpu", "gpu")),
     "runtime.max_retries": (3, _int(0)),
     "runtime.shard_timeout_s": (3600.0, _number),
     "runtime.max_shards_in_flight": (None, _optional(_int(1))),

@@ -344,7 +344,7 @@ class _Scheduler:
         self.warned_wait = False
         self.stats = {"shards_done": 0, "shards_resumed": 0, "retries": 0, "actor_failures": 0,
                       "bisected_shards": 0, "timeouts": 0, "images_this_run": 0}
-        self.stage_s = {"read_s": 0.0, "decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+        self.stage_s = {"read_s": 0.0, "decode_s": 0.0, "model_s": 0.0, "wait_s": 0.0, "write_s": 0.0}
 
     # -- actors
     def _start_actor(self) -> Slot:
@@ -558,6 +558,8 @@ class _Scheduler:
             slot.info = self.ray.get(ref)
             slot.ready = True
             log.info("actor ready: %s", slot.info)
+            self.stats.setdefault("actors", []).append(
+                {k: slot.info.get(k) for k in ("host", "device", "precision", "batch_size", "decode")})
         except Exception as exc:  # noqa: BLE001
             message = _root_message(exc)
             self.slots.remove(slot)

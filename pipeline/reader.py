@@ -2,6 +2,7 @@
 
 :func:`read_shard` yields one :class:`Decoded` or :class:`Failed` per item, in plan order, with up
 to ``prefetch`` items in flight so decoding overlaps inference (PIL and fsspec release the GIL).
+:func:`fetch_shard` does the same with the encoded bytes (:class:`Fetched`), for the GPU decoder.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
@@ -33,6 +34,12 @@ class Decoded:
 
 
 @dataclass
+class Fetched:
+    pos: int
+    data: bytes  # the encoded image
+
+
+@dataclass
 class Failed:
     pos: int
     error: ItemError
@@ -42,10 +49,12 @@ class Failed:
 class StageTimes:
     read_s: float = 0.0
     decode_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, read_s: float, decode_s: float) -> None:
-        self.read_s += read_s
-        self.decode_s += decode_s
+        with self._lock:  # += from several reader threads
+            self.read_s += read_s
+            self.decode_s += decode_s
 
 
 def split_tar_uri(uri: str) -> Optional[tuple[str, str]]:
@@ -95,44 +104,13 @@ def _read_error(exc: BaseException) -> ItemError:
     return ItemError("read", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def read_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_pixels: int, max_bytes: int,
-               threads: int, prefetch: int, keep_image: bool = False, min_side: int = RESIZE,
-               times: Optional[StageTimes] = None,
-               before_item: Optional[Callable[[int], None]] = None) -> Iterator[Union[Decoded, Failed]]:
-    """Decode ``uris`` (positions in ``skip`` are left out) in order, ``prefetch`` items ahead.
-
-    ``min_side`` is the smallest shorter side the mapper will resize to (JPEG draft decoding keeps
-    4x that); the dense descriptor raises it to its largest scale.
-    """
-    tars = _TarCache(fsys, uris)
-    times = times if times is not None else StageTimes()
-
-    def load(pos: int) -> Union[Decoded, Failed]:
-        uri = uris[pos]
-        t0 = time.perf_counter()
-        try:
-            tar = split_tar_uri(uri)
-            data = tars.read(*tar) if tar else fsys.read_bytes(uri, max_bytes)
-        except Exception as exc:  # noqa: BLE001 - every read failure becomes an error row
-            return Failed(pos, _read_error(exc))
-        t1 = time.perf_counter()
-        try:
-            img, (width, height) = decode_with_size(data, max_pixels=max_pixels, max_bytes=max_bytes,
-                                                    min_side=min_side)
-            pixels = preprocess_pil(img)
-        except ItemError as exc:
-            return Failed(pos, exc)
-        except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the shard
-            return Failed(pos, ItemError("decode", type(exc).__name__, str(exc)[:200]))
-        finally:
-            times.add(t1 - t0, time.perf_counter() - t1)
-        return Decoded(pos, pixels, width, height, img if keep_image else None)
-
-    todo = (p for p in range(len(uris)) if p not in skip)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+def _ordered(work: Callable[[int], object], positions: Iterable[int], *, threads: int, prefetch: int,
+             before_item: Optional[Callable[[int], None]]) -> Iterator:
+    """``work(pos)`` for each position on a thread pool, yielded in order, ``prefetch`` ahead."""
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read") as pool:
         pending: deque = deque()
-        for pos in todo:
-            pending.append((pos, pool.submit(load, pos)))
+        for pos in positions:
+            pending.append((pos, pool.submit(work, pos)))
             if len(pending) >= prefetch:
                 p, fut = pending.popleft()
                 if before_item:
@@ -144,3 +122,65 @@ def read_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_pixels
                 before_item(p)
             yield fut.result()
 
+
+def _fetcher(uris: list[str], fsys: FileSystems, max_bytes: int,
+             times: StageTimes) -> Callable[[int], Union[Fetched, Failed]]:
+    """``fetch(pos)``: the bytes of ``uris[pos]`` (a tar member or a file), or why not."""
+    tars = _TarCache(fsys, uris)
+
+    def fetch(pos: int) -> Union[Fetched, Failed]:
+        uri = uris[pos]
+        t0 = time.perf_counter()
+        try:
+            tar = split_tar_uri(uri)
+            return Fetched(pos, tars.read(*tar) if tar else fsys.read_bytes(uri, max_bytes))
+        except Exception as exc:  # noqa: BLE001 - every read failure becomes an error row
+            return Failed(pos, _read_error(exc))
+        finally:
+            times.add(time.perf_counter() - t0, 0.0)
+    return fetch
+
+
+def fetch_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_bytes: int, threads: int,
+                prefetch: int, times: Optional[StageTimes] = None,
+                before_item: Optional[Callable[[int], None]] = None) -> Iterator[Union[Fetched, Failed]]:
+    """The encoded bytes of ``uris`` (positions in ``skip`` left out), in order, ``prefetch`` ahead.
+
+    For decoders that take bytes themselves (:class:`pipeline.gpu.GpuBatchDecoder`).
+    """
+    fetch = _fetcher(uris, fsys, max_bytes, times if times is not None else StageTimes())
+    return _ordered(fetch, (p for p in range(len(uris)) if p not in skip), threads=threads,
+                    prefetch=prefetch, before_item=before_item)
+
+
+def read_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_pixels: int, max_bytes: int,
+               threads: int, prefetch: int, keep_image: bool = False, min_side: int = RESIZE,
+               times: Optional[StageTimes] = None,
+               before_item: Optional[Callable[[int], None]] = None) -> Iterator[Union[Decoded, Failed]]:
+    """Decode ``uris`` (positions in ``skip`` are left out) in order, ``prefetch`` items ahead.
+
+    ``min_side`` is the smallest shorter side the mapper will resize to (JPEG draft decoding keeps
+    4x that); the dense descriptor raises it to its largest scale.
+    """
+    times = times if times is not None else StageTimes()
+    fetch = _fetcher(uris, fsys, max_bytes, times)
+
+    def load(pos: int) -> Union[Decoded, Failed]:
+        got = fetch(pos)
+        if isinstance(got, Failed):
+            return got
+        t0 = time.perf_counter()
+        try:
+            img, (width, height) = decode_with_size(got.data, max_pixels=max_pixels, max_bytes=max_bytes,
+                                                    min_side=min_side)
+            pixels = preprocess_pil(img)
+        except ItemError as exc:
+            return Failed(pos, exc)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the shard
+            return Failed(pos, ItemError("decode", type(exc).__name__, str(exc)[:200]))
+        finally:
+            times.add(0.0, time.perf_counter() - t0)
+        return Decoded(pos, pixels, width, height, img if keep_image else None)
+
+    return _ordered(load, (p for p in range(len(uris)) if p not in skip), threads=threads,
+                    prefetch=prefetch, before_item=before_item)

@@ -13,7 +13,7 @@ import os
 import platform
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -22,7 +22,7 @@ from .errors import ItemError
 from .extractor import Extractor
 from .plan import Shard
 from .preprocess import DESCRIPTION as PREPROCESSING, RESIZE
-from .reader import Decoded, StageTimes, read_shard
+from .reader import Decoded, Failed, StageTimes, fetch_shard, read_shard
 from .storage import FileSystems
 from .writer import ShardRows, embeddings_schema, embeddings_table, errors_table, write_shard
 
@@ -35,8 +35,24 @@ CRASH_ENV = "VGG_PIPELINE_FAULT_CRASH_ID"
 HANG_ENV = "VGG_PIPELINE_FAULT_HANG_ID"
 
 
-def default_batch_size(device: torch.device) -> int:
-    return 64 if device.type == "cuda" else 8
+def default_batch_size(mapper: Any, arch: str) -> int:
+    """CPU: 8.  CUDA: the largest power of two up to 256 that fits the free device memory (model
+    loaded), so a 16 GB card and an 80 GB card each get what they can hold."""
+    if mapper.device.type != "cuda":
+        return 8
+    from .gpu import cuda_batch_size
+    dense = getattr(mapper, "needs_image", False)  # dense descriptors size their own batches
+    return 64 if dense else cuda_batch_size(arch, mapper.device, mapper.precision)
+
+
+def uses_gpu_decode(decode: str, mapper: Any) -> bool:
+    """JPEGs decoded with nvJPEG: ``runtime.decode`` auto or gpu, a CUDA mapper that takes 224x224
+    crops (the dense descriptor needs whole images, decoded on the CPU)."""
+    if decode == "cpu" or mapper.device.type != "cuda" or getattr(mapper, "needs_image", False):
+        if decode == "gpu":
+            log.warning("runtime.decode=gpu needs runtime.device=cuda and descriptor fc7; decoding on the CPU")
+        return False
+    return True
 
 
 def make_mapper(cfg: dict, storage_options: Optional[dict], num_threads: Optional[int]):
@@ -60,9 +76,14 @@ class ShardWorker:
         self.job = job  # the driver's job identity (input + model fingerprint), kept for resume checks
         self.mapper = make_mapper(cfg, storage_options, num_threads)
         self.fsys = FileSystems(storage_options)
-        rt = cfg["runtime"]
-        self.batch_size = rt["batch_size"] or default_batch_size(self.mapper.device)
+        rt, inp = cfg["runtime"], cfg["input"]
+        self.batch_size = rt["batch_size"] or default_batch_size(self.mapper, cfg["model"]["arch"])
         self.threads = rt["decode_threads"] or max(2, min(16, (os.cpu_count() or 2)))
+        self.gpu_decoder = None
+        if uses_gpu_decode(rt.get("decode", "auto"), self.mapper):
+            from .gpu import GpuBatchDecoder
+            self.gpu_decoder = GpuBatchDecoder(self.mapper.device, max_pixels=inp["max_pixels"],
+                                               max_bytes=inp["max_bytes"], cpu_threads=self.threads)
         descriptor_dim = getattr(self.mapper, "descriptor_dim", None)
         self.schema = embeddings_schema(cfg["output"]["fc7_dtype"], cfg["output"]["top_k"], descriptor_dim)
 
@@ -70,7 +91,7 @@ class ShardWorker:
         w = self.mapper.weights
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": str(self.mapper.device),
                 "precision": self.mapper.precision, "weights": w.name, "weights_sha256": w.sha256,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, "decode": "gpu" if self.gpu_decoder else "cpu"}
 
     def metadata(self, shard: Shard) -> dict:
         import pyarrow
@@ -123,20 +144,29 @@ class ShardWorker:
                 while True:
                     time.sleep(3600)
 
-        for res in read_shard(shard.uris, dup, self.fsys, max_pixels=inp["max_pixels"],
-                              max_bytes=inp["max_bytes"], threads=self.threads,
-                              prefetch=2 * self.batch_size,
-                              keep_image=getattr(self.mapper, "needs_image", False),
-                              min_side=max(RESIZE, getattr(self.mapper, "min_side", RESIZE)),
-                              times=times, before_item=before):
-            if isinstance(res, Decoded):
-                batch.append(res)
-                if len(batch) == self.batch_size:
+        t_loop = time.perf_counter()
+        if self.gpu_decoder is not None:
+            for decoded in self._gpu_decoded(shard, dup, times, before, results):
+                batch.extend(decoded)
+                if batch:
                     flush()
-            else:
-                results[res.pos] = res.error
-        if batch:
-            flush()
+        else:
+            for res in read_shard(shard.uris, dup, self.fsys, max_pixels=inp["max_pixels"],
+                                  max_bytes=inp["max_bytes"], threads=self.threads,
+                                  prefetch=2 * self.batch_size,
+                                  keep_image=getattr(self.mapper, "needs_image", False),
+                                  min_side=max(RESIZE, getattr(self.mapper, "min_side", RESIZE)),
+                                  times=times, before_item=before):
+                if isinstance(res, Decoded):
+                    batch.append(res)
+                    if len(batch) == self.batch_size:
+                        flush()
+                else:
+                    results[res.pos] = res.error
+            if batch:
+                flush()
+        # Time the model waited for input (reading, decoding, queue hand-offs): what is not model.
+        wait_s = time.perf_counter() - t_loop - model_s
 
         for pos in range(len(shard)):
             r = results[pos]
@@ -157,7 +187,7 @@ class ShardWorker:
         emb, err = embeddings_table(rows, self.schema, meta), errors_table(rows.errors, meta)
         summary = {"shard": shard.index, "rows": emb.num_rows, "errors": err.num_rows,
                    "read_s": round(times.read_s, 3), "decode_s": round(times.decode_s, 3),
-                   "model_s": round(model_s, 3), "host": socket.gethostname(), "pid": os.getpid()}
+                   "model_s": round(model_s, 3), "wait_s": round(wait_s, 3), "host": socket.gethostname(), "pid": os.getpid()}
         if not write:
             summary["wall_s"] = round(time.perf_counter() - t_start, 3)
             return emb, err, summary
@@ -167,6 +197,34 @@ class ShardWorker:
         summary["wall_s"] = round(time.perf_counter() - t_start, 3)
         log.info("shard done %s", summary)
         return summary
+
+    def _gpu_decoded(self, shard: Shard, skip: set[int], times: StageTimes, before: Any,
+                     results: dict[int, Any]) -> Iterator[list[Decoded]]:
+        """The shard's images as device batches: files fetched on the reader threads, JPEGs decoded
+        with nvJPEG one batch ahead of the model (:func:`pipeline.gpu.decode_ahead`), the rest on
+        the CPU.  Read and decode failures go into ``results``."""
+        from .gpu import decode_ahead
+
+        def encoded_batches() -> Iterator[list[tuple[int, bytes]]]:
+            batch: list[tuple[int, bytes]] = []
+            for got in fetch_shard(shard.uris, skip, self.fsys, max_bytes=self.cfg["input"]["max_bytes"],
+                                   threads=self.threads, prefetch=2 * self.batch_size, times=times,
+                                   before_item=before):
+                if isinstance(got, Failed):
+                    results[got.pos] = got.error
+                    continue
+                batch.append((got.pos, got.data))
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+        for gpu_batch in decode_ahead(encoded_batches(), self.gpu_decoder, depth=2):
+            times.add(0.0, gpu_batch.decode_s)
+            for pos, exc in gpu_batch.failures:
+                results[pos] = exc
+            yield gpu_batch.to_decoded()
 
     def _embed(self, batch: list[Decoded]) -> list[tuple[Decoded, Any]]:
         """Embed a batch; if it fails, retry image by image so only the culprit becomes an error row."""

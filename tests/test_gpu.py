@@ -302,3 +302,97 @@ def test_cuda_batch_size_from_free_memory():
     from pipeline.gpu import cuda_batch_size
     n = cuda_batch_size("vgg16", "cuda")
     assert 1 <= n <= 256 and n & (n - 1) == 0
+
+
+# -- the worker's GPU-decode path, on any machine -------------------------------------------------
+
+
+class _CpuStandInDecoder:
+    """``GpuBatchDecoder``'s contract (``decode`` -> ``GpuBatch``) kept on the CPU, every image
+    through :func:`cpu_decode_uint8`: exercises the worker's wiring without CUDA."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+
+    def decode(self, items):
+        self.batch_sizes.append(len(items))
+        t0 = time.perf_counter()
+        positions, crops, sizes, failures = [], [], [], []
+        for pos, data in items:
+            try:
+                crop, size = cpu_decode_uint8(data, **LIMITS)
+            except ItemError as exc:
+                failures.append((pos, exc))
+                continue
+            positions.append(pos)
+            crops.append(crop)
+            sizes.append(size)
+        pixels = torch.stack(crops) if crops else torch.empty((0, 3, 224, 224), dtype=torch.uint8)
+        return GpuBatch(positions, pixels, sizes, failures, decode_s=time.perf_counter() - t0)
+
+
+def test_worker_gpu_decode_path_gives_the_cpu_readers_rows(tmp_path):
+    """Same shard through the CPU reader and through the decoder-batch path: same rows, same
+    error rows (read, decode, duplicate), fc7 equal; batches never exceed runtime.batch_size."""
+    from pipeline.config import load_config
+    from pipeline.plan import Shard
+    from pipeline.worker import ShardWorker
+
+    root = tmp_path / "in"
+    good = sorted(write_good_corpus(root, n=7))
+    bad = sorted(write_bad_corpus(root))[:3]
+    ids = good[:4] + bad + ["missing.jpg", good[1]] + good[4:]
+    shard = Shard(0, ids, [str(root / i) for i in ids], duplicate=[i == 8 for i in range(len(ids))])
+    cfg = load_config(overrides=["model.arch=vgg11", "model.weights=random:0", "runtime.device=cpu",
+                                 "runtime.batch_size=3", "runtime.decode_threads=2"])
+    worker = ShardWorker(cfg, str(tmp_path / "out"))
+    assert worker.gpu_decoder is None and worker.ready()["decode"] == "cpu"
+    cpu_emb, cpu_err, _ = worker.process(shard, write=False)
+    worker.gpu_decoder = stand_in = _CpuStandInDecoder()
+    emb, err, summary = worker.process(shard, write=False)
+
+    for col in ("id", "uri", "width", "height"):
+        assert emb.column(col).to_pylist() == cpu_emb.column(col).to_pylist(), col
+    assert emb.num_rows == len(good)
+    assert err.select(["id", "stage", "error_type"]).to_pylist() == \
+        cpu_err.select(["id", "stage", "error_type"]).to_pylist()
+    assert {r["stage"] for r in err.to_pylist()} == {"decode", "read", "list"}
+    a = np.asarray(emb.column("fc7").to_pylist(), dtype=np.float32)
+    b = np.asarray(cpu_emb.column("fc7").to_pylist(), dtype=np.float32)
+    np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-3)
+    assert max(stand_in.batch_sizes) == 3 and sum(stand_in.batch_sizes) == len(good) + len(bad)
+    assert summary["wait_s"] >= 0 and summary["decode_s"] > 0
+
+
+def test_runtime_decode_cpu_or_a_cpu_device_keeps_the_cpu_reader():
+    from types import SimpleNamespace
+
+    from pipeline.worker import uses_gpu_decode
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    dense = SimpleNamespace(device=torch.device("cuda"), needs_image=True)
+    assert uses_gpu_decode("auto", cuda) and uses_gpu_decode("gpu", cuda)
+    assert not uses_gpu_decode("cpu", cuda)
+    assert not any(uses_gpu_decode(d, m) for d in ("auto", "gpu") for m in (cpu, dense))
+
+
+@pytest.mark.gpu
+def test_extract_on_cuda_decodes_on_the_gpu_and_matches_the_cpu_run(tmp_path, photo_dir, vgg11_weights, ray_local):
+    """The real job on CUDA (nvJPEG for the JPEGs, CPU for the PNGs, bf16) against the same job on
+    the CPU: same ids and sizes, fc7 cosine >= 0.999 for every image."""
+    import json
+
+    import pipeline
+    runs = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / device
+        pipeline.extract(str(photo_dir), str(out), weights=str(vgg11_weights), model={"arch": "vgg11"},
+                         runtime={"device": device}, input={"shard_size": 4})
+        summary = json.loads((out / "_SUCCESS.json").read_text())
+        runs[device] = (pipeline.load_embeddings(str(out)), summary)
+    (gpu, gpu_run), (cpu, cpu_run) = runs["cuda"], runs["cpu"]
+    assert {a["decode"] for a in gpu_run["run"]["actors"]} == {"gpu"}
+    assert {a["decode"] for a in cpu_run["run"]["actors"]} == {"cpu"}
+    assert list(gpu.ids) == list(cpu.ids) and len(gpu.ids) == 10
+    a, b = gpu.vectors, cpu.vectors
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() >= 0.999, cos

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of docs/benchmarks.md in one go, on one CUDA machine, each step
+# under its own time limit (a slow step cannot starve the rest).  Tables are appended to
+# docs/benchmarks.md (--doc); the log, a copy of that file and nvidia-smi's utilisation samples
+# (every 0.5 s) go to LOGDIR.
+#
+#   bash benchmarks/gpu_suite.sh [LOGDIR]                       # every step, ~7 minutes on an H100
+#   STEPS="test model e2e" IMAGES=5000 bash benchmarks/gpu_suite.sh
+#
+# Steps: test (pytest -m gpu), model (bf16 batch sweep), e2e (pipeline vs model-only, GPU decode),
+# baselines (Ray Data, DataLoader), decode (nvJPEG vs PIL alone), cpudecode (pipeline with
+# runtime.decode=cpu), precisions (fp16, fp32), compile (torch.compile).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+logdir=${1:-/tmp/vgg-gpu-suite}
+mkdir -p "$logdir"
+images=${IMAGES:-20000}
+batch=${BATCH:-256}
+threads=${THREADS:-$(nproc)}
+steps=${STEPS:-test model e2e baselines decode cpudecode precisions compile}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+wanted() { [[ " $steps " == *" $1 "* ]]; }
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  wanted "$name" || return 0
+  echo "=== $name: $* ($(date +%T))"
+  timeout -k 10 "$limit" "$@"
+  rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  cp docs/benchmarks.md "$logdir/benchmarks.md"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 >"$logdir/gpu_util.csv" &
+smi=$!
+trap 'kill $smi 2>/dev/null' EXIT
+
+e2e=(--device cuda --precision bf16 --batch-size "$batch" --images "$images" --shard-size 1000)
+step test 150 "$py" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+step model 100 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size 64,128,256,512 \
+  --images 8192 --repeat 3 --doc
+step e2e 170 "$py" benchmarks/end_to_end.py "${e2e[@]}" --compare-model-only --repeat 2 --doc
+step baselines 170 "$py" benchmarks/baselines.py "${e2e[@]}" --num-workers 8 --doc
+step decode 60 "$py" benchmarks/decode.py --device cuda --images 4096 --cpu-images 2048 --batch-size "$batch" \
+  --threads "$threads" --doc
+step cpudecode 100 "$py" benchmarks/end_to_end.py "${e2e[@]}" --set runtime.decode=cpu --doc
+step precisions 80 "$py" benchmarks/model_only.py --device cuda --precision fp16,fp32 --batch-size "$batch" \
+  --images 4096 --repeat 3 --doc
+step compile 150 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size "$batch" \
+  --images 8192 --repeat 3 --compile --doc
