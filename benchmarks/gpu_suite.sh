@@ -4,12 +4,13 @@
 # docs/benchmarks.md (--doc); the log, a copy of that file and nvidia-smi's utilisation samples
 # (every 0.5 s) go to LOGDIR.
 #
-#   bash benchmarks/gpu_suite.sh [LOGDIR]                       # every step, ~7 minutes on an H100
-#   STEPS="test model e2e" IMAGES=5000 bash benchmarks/gpu_suite.sh
+#   bash benchmarks/gpu_suite.sh [LOGDIR]                       # every step, ~10 minutes on an H200
+#   STEPS="test e2e" IMAGES=5000 bash benchmarks/gpu_suite.sh
 #
-# Steps: test (pytest -m gpu), model (bf16 batch sweep), e2e (pipeline vs model-only, GPU decode),
-# baselines (Ray Data, DataLoader), decode (nvJPEG vs PIL alone), cpudecode (pipeline with
-# runtime.decode=cpu), precisions (fp16, fp32), compile (torch.compile).
+# Steps: test (pytest -m gpu), model (bf16 batch sweep), e2e (pipeline vs model-only, shard size
+# SHARD), e2e1000 (the same at shard size 1000), gpuonly (runtime.decode=gpu: nvJPEG alone),
+# cpudecode (runtime.decode=cpu), baselines (Ray Data, DataLoader), dataloader (DataLoader alone),
+# decode (nvJPEG vs PIL, no model), precisions (fp16, fp32), compile (torch.compile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logdir=${1:-/tmp/vgg-gpu-suite}
@@ -17,7 +18,7 @@ mkdir -p "$logdir"
 images=${IMAGES:-20000}
 batch=${BATCH:-256}
 threads=${THREADS:-$(nproc)}
-steps=${STEPS:-test model e2e baselines decode cpudecode precisions compile}
+steps=${STEPS:-test model e2e gpuonly decode e2e1000 cpudecode baselines precisions compile}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -38,15 +39,20 @@ nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 5
 smi=$!
 trap 'kill $smi 2>/dev/null' EXIT
 
-e2e=(--device cuda --precision bf16 --batch-size "$batch" --images "$images" --shard-size 1000)
+e2e=(--device cuda --precision bf16 --batch-size "$batch" --images "$images")
+shard=(--shard-size "${SHARD:-4000}")
 step test 150 "$py" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 step model 100 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size 64,128,256,512 \
   --images 8192 --repeat 3 --doc
-step e2e 170 "$py" benchmarks/end_to_end.py "${e2e[@]}" --compare-model-only --repeat 2 --doc
-step baselines 170 "$py" benchmarks/baselines.py "${e2e[@]}" --num-workers 8 --doc
+step e2e 120 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --compare-model-only --model-images 8192 \
+  --repeat "${REPEAT:-1}" --doc
+step gpuonly 90 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --set runtime.decode=gpu --doc
 step decode 60 "$py" benchmarks/decode.py --device cuda --images 4096 --cpu-images 2048 --batch-size "$batch" \
   --threads "$threads" --doc
-step cpudecode 100 "$py" benchmarks/end_to_end.py "${e2e[@]}" --set runtime.decode=cpu --doc
+step e2e1000 90 "$py" benchmarks/end_to_end.py "${e2e[@]}" --shard-size 1000 --doc
+step dataloader 90 "$py" benchmarks/baselines.py "${e2e[@]}" --modes dataloader --num-workers 8 --doc
+step cpudecode 100 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --set runtime.decode=cpu --doc
+step baselines 170 "$py" benchmarks/baselines.py "${e2e[@]}" "${shard[@]}" --num-workers 8 --doc
 step precisions 80 "$py" benchmarks/model_only.py --device cuda --precision fp16,fp32 --batch-size "$batch" \
   --images 4096 --repeat 3 --doc
 step compile 150 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size "$batch" \
