@@ -35,7 +35,7 @@ def gpu_rates(datas: list[bytes], batch_size: int, repeat: int, threads: int) ->
     import torch
 
     from pipeline.gpu import GpuBatchDecoder
-    dec = GpuBatchDecoder("cuda", cpu_threads=threads, share_with_cpu=False, **LIMITS)  # nvJPEG alone
+    dec = GpuBatchDecoder("cuda", cpu_threads=threads, **LIMITS)
     batches = [list(enumerate(datas[i:i + batch_size])) for i in range(0, len(datas), batch_size)]
     try:
         dec.decode(batches[0])  # nvJPEG handles, kernels, allocator: outside the timing

@@ -20,9 +20,9 @@ CUDA needed, a few microseconds where PIL's ``Image.open`` costs ~100):
   ``max_pixels`` (refused by PIL from the header) or ``gpu_max_pixels`` (decoded at a reduced
   DCT scale); anything whose header or EXIF orientation the scan is not sure about.
 
-nvJPEG through torchvision decodes one batch at a time per process, slower than VGG16 runs on a
-Hopper GPU, so by default the CPU pool also takes a share of the plain JPEGs, sized from the
-rates both sides measured on earlier batches (:class:`DecodeBalance`) so they finish together.
+Plain JPEGs are not shared out to the CPU pool to add its rate to nvJPEG's: tried on an H200
+(16 cores), it made the job slower (1,183 against 2,056 img/s end to end), the PIL threads
+taking the GIL from the threads that feed the GPU (docs/benchmarks.md).
 
 A JPEG that nvJPEG rejects after all is retried alone on the GPU, then on the CPU, so one bad file
 never costs its batch.  EXIF orientation is read from the header and applied to the decoded
@@ -333,50 +333,15 @@ class GpuBatch:
         return [Decoded(pos, x[j], w, h) for j, (pos, (w, h)) in enumerate(zip(self.positions, self.sizes))]
 
 
-class DecodeBalance:
-    """How many of a batch's JPEGs the CPU pool takes so that it and nvJPEG finish together.
-
-    torchvision's nvJPEG decode runs one call at a time per process and tops out at a few thousand
-    images per second (measured on an H200 with ~1 Mpixel photos: ~2,300 img/s), below what VGG16
-    computes; the host's cores add their own rate.  Rates are moving averages (images/s) of what
-    each side measured on earlier batches; until both are known, ``probe`` JPEGs go to the CPU.
-    """
-
-    def __init__(self, probe: int, alpha: float = 0.3) -> None:
-        self.probe, self.alpha = probe, alpha
-        self.gpu_rate: Optional[float] = None
-        self.cpu_rate: Optional[float] = None
-
-    def cpu_jpegs(self, jpegs: int, others: int) -> int:
-        """JPEGs to move to the CPU out of ``jpegs`` bound for nvJPEG; ``others`` are on the CPU already."""
-        if self.gpu_rate is None or self.cpu_rate is None:
-            return min(self.probe, jpegs // 2)
-        share = self.cpu_rate / (self.cpu_rate + self.gpu_rate)
-        return max(0, min(jpegs, round(share * (jpegs + others)) - others))
-
-    def update(self, gpu_images: int, gpu_s: float, cpu_images: int, cpu_s: float) -> None:
-        if gpu_images and gpu_s > 0:
-            self.gpu_rate = self._mix(self.gpu_rate, gpu_images / gpu_s)
-        if cpu_images and cpu_s > 0:
-            self.cpu_rate = self._mix(self.cpu_rate, cpu_images / cpu_s)
-
-    def _mix(self, old: Optional[float], new: float) -> float:
-        return new if old is None else (1 - self.alpha) * old + self.alpha * new
-
-
 class GpuBatchDecoder:
     """Decodes batches of encoded images into device tensors; see the module docstring.
-
-    ``share_with_cpu`` (default) lets the CPU pool decode part of the JPEGs too, in proportion to
-    the measured rates of both (:class:`DecodeBalance`); ``False`` keeps every JPEG it can on nvJPEG.
 
     Thread-safe for one caller at a time (``decode_ahead`` runs it in one background thread).
     """
 
     def __init__(self, device: Union[str, torch.device] = "cuda", *, max_pixels: int = 100_000_000,
                  max_bytes: int = 100_000_000, cpu_threads: int = 4, gpu_max_pixels: int = GPU_MAX_PIXELS,
-                 chunk_pixels: int = CHUNK_PIXELS, progressive_on_gpu: bool = False,
-                 share_with_cpu: bool = True) -> None:
+                 chunk_pixels: int = CHUNK_PIXELS, progressive_on_gpu: bool = False) -> None:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         self.device = torch.device(device)
@@ -390,7 +355,6 @@ class GpuBatchDecoder:
         self.progressive_on_gpu = progressive_on_gpu
         self.stream = torch.cuda.Stream(self.device)
         self.pool = ThreadPoolExecutor(max_workers=max(1, cpu_threads), thread_name_prefix="cpu-decode")
-        self.balance = DecodeBalance(probe=max(1, cpu_threads)) if share_with_cpu else None
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -408,22 +372,13 @@ class GpuBatchDecoder:
             else:
                 gpu.append((pos, data, header))
 
-        moved = self.balance.cpu_jpegs(len(gpu), len(cpu)) if self.balance else 0
-        if moved:
-            cpu += [(pos, data) for pos, data, _ in gpu[len(gpu) - moved:]]
-            gpu = gpu[:len(gpu) - moved]
-
         # CPU images decode on the pool while the GPU works through the JPEGs.
-        t_cpu, finished = time.perf_counter(), []
-        futures = {pos: self._submit_cpu(data, finished) for pos, data in cpu}
+        futures = {pos: self._submit_cpu(data) for pos, data in cpu}
         crops: dict[int, torch.Tensor] = {}
         sizes: dict[int, tuple[int, int]] = {}
         failures: dict[int, ItemError] = {}
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            t_gpu = time.perf_counter()
-            rejected = self._decode_on_gpu(gpu, crops, sizes)
-            t_gpu = time.perf_counter() - t_gpu
-            for pos, data in rejected:
+            for pos, data in self._decode_on_gpu(gpu, crops, sizes):
                 futures[pos] = self._submit_cpu(data)  # nvJPEG said no: PIL decides (image or error row)
             host: dict[int, torch.Tensor] = {}
             for pos, fut in futures.items():
@@ -431,8 +386,6 @@ class GpuBatchDecoder:
                     host[pos], sizes[pos] = fut.result()
                 except ItemError as exc:
                     failures[pos] = exc
-            if self.balance and not rejected:
-                self.balance.update(len(gpu), t_gpu, len(cpu), (max(finished) - t_cpu) if finished else 0.0)
             if host:  # CPU crops: one pinned staging batch, copied asynchronously on this stream
                 pinned = torch.empty((len(host), 3, CROP, CROP), dtype=torch.uint8, pin_memory=True)
                 torch.stack(list(host.values()), out=pinned)
@@ -450,15 +403,8 @@ class GpuBatchDecoder:
                         [(p, failures[p]) for p, _ in items if p in failures], ready,
                         time.perf_counter() - t0, len(order) - len(host))
 
-    def _submit_cpu(self, data: bytes, finished: Optional[list[float]] = None) -> Future:
-        """``cpu_decode_uint8`` on the pool; appends the time it ends (result or error) to ``finished``."""
-        def work() -> tuple[torch.Tensor, tuple[int, int]]:
-            try:
-                return cpu_decode_uint8(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
-            finally:
-                if finished is not None:
-                    finished.append(time.perf_counter())
-        return self.pool.submit(work)
+    def _submit_cpu(self, data: bytes) -> Future:
+        return self.pool.submit(cpu_decode_uint8, data, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
 
     def _decode_on_gpu(self, gpu: list[tuple[int, bytes, JpegHeader]], crops: dict[int, torch.Tensor],
                        sizes: dict[int, tuple[int, int]]) -> list[tuple[int, bytes]]:

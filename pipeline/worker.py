@@ -46,9 +46,8 @@ def default_batch_size(mapper: Any, arch: str) -> int:
 
 
 def uses_gpu_decode(decode: str, mapper: Any) -> bool:
-    """JPEGs decoded with nvJPEG: ``runtime.decode`` auto (the CPU threads take a share of the JPEGs
-    too) or gpu (every JPEG nvJPEG can take), on a CUDA mapper that takes 224x224 crops (the dense
-    descriptor needs whole images, decoded on the CPU)."""
+    """JPEGs decoded with nvJPEG: ``runtime.decode`` auto or gpu, a CUDA mapper that takes 224x224
+    crops (the dense descriptor needs whole images, decoded on the CPU)."""
     if decode == "cpu" or mapper.device.type != "cuda" or getattr(mapper, "needs_image", False):
         if decode == "gpu":
             log.warning("runtime.decode=gpu needs runtime.device=cuda and descriptor fc7; decoding on the CPU")
@@ -84,8 +83,7 @@ class ShardWorker:
         if uses_gpu_decode(rt.get("decode", "auto"), self.mapper):
             from .gpu import GpuBatchDecoder
             self.gpu_decoder = GpuBatchDecoder(self.mapper.device, max_pixels=inp["max_pixels"],
-                                               max_bytes=inp["max_bytes"], cpu_threads=self.threads,
-                                               share_with_cpu=rt.get("decode", "auto") == "auto")
+                                               max_bytes=inp["max_bytes"], cpu_threads=self.threads)
         descriptor_dim = getattr(self.mapper, "descriptor_dim", None)
         self.schema = embeddings_schema(cfg["output"]["fc7_dtype"], cfg["output"]["top_k"], descriptor_dim)
 

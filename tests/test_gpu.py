@@ -165,18 +165,6 @@ def test_auto_batch_size():
         auto_batch_size("resnet50", gib)
 
 
-def test_decode_balance_splits_jpegs_by_measured_rates():
-    from pipeline.gpu import DecodeBalance
-    b = DecodeBalance(probe=8)
-    assert b.cpu_jpegs(256, 0) == 8 and b.cpu_jpegs(10, 0) == 5  # probe: both rates unknown
-    b.update(248, 0.1, 8, 0.01)            # GPU 2480 img/s, CPU 800 img/s
-    assert b.cpu_jpegs(256, 0) == round(256 * 800 / 3280)
-    assert b.cpu_jpegs(256, 40) == round(296 * 800 / 3280) - 40  # PNGs already keep the CPU busy
-    assert b.cpu_jpegs(10, 300) == 0 and b.cpu_jpegs(0, 0) == 0
-    b.update(100, 0.1, 0, 0.0)             # a batch with no CPU share leaves the CPU rate as it was
-    assert b.cpu_rate == 800 and 1000 < b.gpu_rate < 2480
-
-
 # -- decode_ahead ---------------------------------------------------------------------------------
 
 
@@ -256,7 +244,7 @@ def _photo_jpegs() -> list[bytes]:
 def test_gpu_decode_agrees_with_the_cpu_path_on_fc7():
     from pipeline.extractor import Extractor
     datas = _photo_jpegs()
-    dec = GpuBatchDecoder("cuda", cpu_threads=2, share_with_cpu=False, **LIMITS)
+    dec = GpuBatchDecoder("cuda", cpu_threads=2, **LIMITS)
     try:
         batch = dec.decode(list(enumerate(datas)))
     finally:
@@ -280,7 +268,7 @@ def test_gpu_decode_agrees_with_the_cpu_path_on_fc7():
 @pytest.mark.gpu
 def test_gpu_batch_mixes_fallbacks_and_errors_like_the_cpu_reader(corpus):
     rels = sorted(corpus)
-    dec = GpuBatchDecoder("cuda", cpu_threads=2, share_with_cpu=False, **LIMITS)
+    dec = GpuBatchDecoder("cuda", cpu_threads=2, **LIMITS)
     try:
         batch = dec.decode(list(enumerate(corpus[r] for r in rels)))
     finally:
