@@ -36,6 +36,7 @@ import logging
 import os
 import pickle
 import re
+import socket
 import tempfile
 import urllib.error
 from collections.abc import Iterator, Mapping
@@ -54,6 +55,8 @@ from pipeline.model import ARCHS, VGG, build_vgg, init_weights
 log = logging.getLogger(__name__)
 
 URL_BASE_ENV = "VGG_PIPELINE_WEIGHTS_URL_BASE"
+TIMEOUT_ENV = "VGG_PIPELINE_DOWNLOAD_TIMEOUT_S"  # seconds without data before a download gives up
+DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_URL_BASE = "https://download.pytorch.org/models"
 
 # torchvision's IMAGENET1K_V1 weights (torchvision/models/vgg.py).
@@ -255,11 +258,13 @@ def _download(url: str, dst: str, prefix: str | None, progress: bool) -> None:
     shown = _redact(url)
     log.info("downloading ImageNet weights %s -> %s", shown, dst)
     hint = f"or pass --weights PATH to a local copy of {os.path.basename(dst)}"
+    timeout = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
     try:
         # Writes a uuid-named .partial file and renames it only after the hash check passed,
         # and removes the .partial on any error: a failed download leaves nothing in the cache.
         # A connection closed early is not an error to urllib: the hash check catches it.
-        torch.hub.download_url_to_file(url, dst, hash_prefix=prefix, progress=progress)
+        with _socket_timeout(timeout):
+            torch.hub.download_url_to_file(url, dst, hash_prefix=prefix, progress=progress)
     except RuntimeError as e:
         if "invalid hash value" not in str(e):
             raise
@@ -267,8 +272,22 @@ def _download(url: str, dst: str, prefix: str | None, progress: bool) -> None:
                            f"start with {prefix}); nothing was cached: try again {hint}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
+        if isinstance(reason, TimeoutError):
+            reason = f"no data for {timeout:g} s ({TIMEOUT_ENV})"
         raise WeightsError(f"could not download ImageNet weights from {shown}: {reason}; "
                            f"check the network (or {URL_BASE_ENV}) {hint}") from None
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """A default timeout for new sockets: torch.hub's ``urlopen`` takes none, and a server that
+    stops sending would otherwise hang the driver or every actor of a node for ever."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
 
 
 @contextlib.contextmanager

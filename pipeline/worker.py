@@ -187,7 +187,8 @@ class ShardWorker:
         emb, err = embeddings_table(rows, self.schema, meta), errors_table(rows.errors, meta)
         summary = {"shard": shard.index, "rows": emb.num_rows, "errors": err.num_rows,
                    "read_s": round(times.read_s, 3), "decode_s": round(times.decode_s, 3),
-                   "model_s": round(model_s, 3), "wait_s": round(wait_s, 3), "host": socket.gethostname(), "pid": os.getpid()}
+                   "model_s": round(model_s, 3), "wait_s": round(wait_s, 3),
+                   "host": socket.gethostname(), "pid": os.getpid()}
         if not write:
             summary["wall_s"] = round(time.perf_counter() - t_start, 3)
             return emb, err, summary

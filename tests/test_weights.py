@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from pipeline import weights
 from pipeline.errors import UsageError, WeightsError
 from pipeline.model import build_vgg
-from pipeline.weights import (IMAGENET_URLS, URL_BASE_ENV, WeightsInfo, load_model,
+from pipeline.weights import (IMAGENET_URLS, TIMEOUT_ENV, URL_BASE_ENV, WeightsInfo, load_model,
                               load_state_dict, weights_identity)
 
 
@@ -220,6 +220,20 @@ def test_imagenet_network_failure_suggests_a_path(hub, monkeypatch, server, tiny
     monkeypatch.setenv(URL_BASE_ENV, f"http://127.0.0.1:{server.server_port}/models")
     with pytest.raises(WeightsError, match=r"could not download .*404"):
         load_state_dict("imagenet", "vgg11")
+
+
+def test_stalled_download_times_out_and_caches_nothing(hub, monkeypatch, server, tiny_file):
+    file, sha = tiny_file
+    _publish(monkeypatch, server, file, f"vgg11-{sha[:8]}.pth")
+    monkeypatch.setattr(server, "delay_s", 3.0)  # headers, then silence
+    monkeypatch.setenv(TIMEOUT_ENV, "0.5")
+    t0 = time.monotonic()
+    with pytest.raises(WeightsError) as e:
+        load_state_dict("imagenet", "vgg11")
+    assert time.monotonic() - t0 < 2.5
+    msg = _one_line_error(e)
+    assert msg.startswith("could not download") and f"no data for 0.5 s ({TIMEOUT_ENV})" in msg
+    assert os.listdir(hub) == [] and socket.getdefaulttimeout() is None
 
 
 def test_concurrent_loads_download_once(hub, monkeypatch, server, tiny_file):
