@@ -99,8 +99,8 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     # millions of floats: on 1000 x 4096 fp16 they cost more time than zstd itself and made the file
     # 12 % larger (measured with pyarrow 26), which a GPU worker waits for between shards.
     scalars = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
-    pq.write_table(table, sink, compression="zstd", use_dictionary=[n for n in scalars if n in ("stage", "error_type")],
-                   write_statistics=scalars)
+    pq.write_table(table, sink, compression="zstd", write_statistics=scalars,
+                   use_dictionary=[n for n in scalars if n in ("stage", "error_type")])
     return sink.getvalue().to_pybytes()
 
 
