@@ -21,8 +21,9 @@ CUDA needed, a few microseconds where PIL's ``Image.open`` costs ~100):
   DCT scale); anything whose header or EXIF orientation the scan is not sure about.
 
 Plain JPEGs are not shared out to the CPU pool to add its rate to nvJPEG's: tried on an H200
-(16 cores), it made the job slower (1,183 against 2,056 img/s end to end), the PIL threads
-taking the GIL from the threads that feed the GPU (docs/benchmarks.md).
+(16 cores), it made the job slower (1,183 against 2,056 img/s end to end), probably because the
+PIL threads compete with the reader threads for the GIL: reading took 107 thread-seconds instead
+of 39 (docs/benchmarks.md).
 
 A JPEG that nvJPEG rejects after all is retried alone on the GPU, then on the CPU, so one bad file
 never costs its batch.  EXIF orientation is read from the header and applied to the decoded
