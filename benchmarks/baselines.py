@@ -243,15 +243,10 @@ def main(argv=None) -> int:
             for mode in args.modes.split(","):
                 results.append(run_mode(mode, data, args, Path(tmp)))
                 log.warning("run %d/%d: %s", i + 1, args.repeat, results[-1])
-    if args.json:
-        print(json.dumps({"machine": m, "results": results}))
-        return 0
-    body = render(results)
-    print(body)
-    if args.doc:
-        note = (f"\n{args.images} JPEGs, batch {args.batch_size}, torch threads {args.threads} (cpu), "
-                f"DataLoader workers {args.num_workers}, pipeline shard size {args.shard_size}.\n")
-        common.append_doc(f"Baselines, {args.arch} on {args.device}", body + "\n" + note, m)
+    note = (f"\n{args.images} JPEGs, batch {args.batch_size}, torch threads {args.threads} (cpu), "
+            f"DataLoader workers {args.num_workers}, pipeline shard size {args.shard_size}.\n")
+    common.report(args, m, {"results": results}, lambda: render(results),
+                  f"Baselines, {args.arch} on {args.device}", note)
     return 0
 
 

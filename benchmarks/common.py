@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -289,3 +289,16 @@ def append_doc(title: str, body: str, m: dict[str, Any], *, command: Optional[st
         f.write(f"Machine: {describe(m)}.\n\n")
         f.write(f"Command: `{command or command_line()}`\n\n")
         f.write(body.rstrip() + "\n")
+
+
+def report(args: Any, m: dict[str, Any], payload: dict[str, Any], render: Callable[[], str], title: str,
+           note: str = "") -> None:
+    """A script's output: ``--json`` prints the machine and ``payload`` as one JSON line; otherwise
+    the Markdown table ``render()`` is printed and, with ``--doc``, appended (with ``note``) here."""
+    if args.json:
+        print(json.dumps({"machine": m, **payload}))
+        return
+    body = render()
+    print(body)
+    if args.doc:
+        append_doc(title, body + ("\n" + note if note else ""), m)

@@ -16,7 +16,6 @@ Compared with ``model_only.py`` at the same batch size it says which stage bound
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -89,16 +88,14 @@ def main(argv=None) -> int:
     cpu_datas = datas[:args.cpu_images or len(datas)]
     results.append({"decoder": f"cpu (PIL, {args.threads} threads)", "runs": cpu_rates(cpu_datas, args.repeat,
                                                                                       args.threads)})
-    if args.json:
-        print(json.dumps({"machine": common.machine(), "mean_mpix": mpix, "results": results}))
-        return 0
-    body = common.table(["decoder", "img/s median (min-max)", "Mpixel/s"],
-                        [(r["decoder"], common.spread(r["runs"]),
-                          f"{common.summary(r['runs'])['median'] * mpix:.0f}") for r in results])
-    print(body)
-    if args.doc:
-        note = f"\n{len(datas)} JPEGs, mean {mpix:.2f} Mpixel, bytes in memory; decode + resize + crop to 224.\n"
-        common.append_doc("Decode throughput (no model)", body + "\n" + note, common.machine())
+    def render() -> str:
+        return common.table(["decoder", "img/s median (min-max)", "Mpixel/s"],
+                            [(r["decoder"], common.spread(r["runs"]),
+                              f"{common.summary(r['runs'])['median'] * mpix:.0f}") for r in results])
+
+    note = f"\n{len(datas)} JPEGs, mean {mpix:.2f} Mpixel, bytes in memory; decode + resize + crop to 224.\n"
+    common.report(args, common.machine(), {"mean_mpix": mpix, "results": results}, render,
+                  "Decode throughput (no model)", note)
     return 0
 
 

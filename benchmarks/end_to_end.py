@@ -227,15 +227,10 @@ def main(argv=None) -> int:
             runs.append(run_pipeline(data, args, Path(tmp), env=child_env(args)))
             log.warning("run %d/%d: %s", i + 1, args.repeat,
                         {k: v for k, v in runs[-1].items() if k != "command"})
-    if args.json:
-        print(json.dumps({"machine": m, "runs": runs, "model_only": model}))
-        return 0
-    body = render(runs, model)
-    print(body)
-    if args.doc:
-        note = (f"\n{args.images} JPEGs ({', '.join(f'{w}x{h}' for w, h in common.DEFAULT_SIZES)} cycled), "
-                f"shard size {args.shard_size}; pipeline command: `{runs[0]['command']}`\n")
-        common.append_doc(f"End to end, {args.arch} on {args.device}", body + "\n" + note, m)
+    note = (f"\n{args.images} JPEGs ({', '.join(f'{w}x{h}' for w, h in common.DEFAULT_SIZES)} cycled), "
+            f"shard size {args.shard_size}; pipeline command: `{runs[0]['command']}`\n")
+    common.report(args, m, {"runs": runs, "model_only": model}, lambda: render(runs, model),
+                  f"End to end, {args.arch} on {args.device}", note)
     return 0
 
 

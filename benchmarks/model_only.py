@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -121,13 +120,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     m = common.machine()
     results = run(args)
-    if args.json:
-        print(json.dumps({"machine": m, "results": results}))
-        return 0
-    body = render(results)
-    print(body)
-    if args.doc:
-        common.append_doc(f"Model only, {args.arch} on {args.device}", body, m)
+    common.report(args, m, {"results": results}, lambda: render(results), f"Model only, {args.arch} on {args.device}")
     return 0
 
 

@@ -477,13 +477,7 @@ def decode_ahead(batches: Iterable[list[tuple[int, bytes]]], decoder: GpuBatchDe
             for batch in batches:
                 if stop.is_set():
                     return
-                result = decoder.decode(batch)
-                while not stop.is_set():
-                    try:
-                        q.put(result, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                _put(q, decoder.decode(batch), stop)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             _put(q, exc, stop)
             return
