@@ -5,7 +5,7 @@
   ``map_batches(Embed, compute=ActorPoolStrategy(size=1))`` -> ``write_parquet``; the decode is the
   pipeline's own (``decode_with_size`` + ``preprocess_pil``), so only the orchestration differs;
 * ``dataloader`` — a plain ``torch.utils.data.DataLoader`` loop (``--num-workers`` decode
-  processes, same decode) feeding the same :class:`~pipeline.extractor.Extractor`, one Parquet file.
+  processes, same decode) feeding the same :class:`~pipeline.model.extractor.Extractor`, one Parquet file.
 
 Every run is a fresh process.  Reported: process wall time (start-up, model load and writing
 included) and the steady rate — images after the first output batch (shard for the pipeline)
@@ -44,8 +44,8 @@ LIMITS = dict(max_pixels=100_000_000, max_bytes=100_000_000)
 
 def _decode(data: bytes):
     """The pipeline's CPU decode: bytes -> normalised float32 (3, 224, 224) numpy array."""
-    from pipeline.decode import decode_with_size
-    from pipeline.preprocess import RESIZE, preprocess_pil
+    from pipeline.decode.cpu import decode_with_size
+    from pipeline.decode.preprocess import RESIZE, preprocess_pil
     img, _ = decode_with_size(data, min_side=RESIZE, **LIMITS)
     return preprocess_pil(img).numpy()
 
@@ -75,7 +75,7 @@ def decode_batch(batch: dict) -> dict:
 
 class Embed:
     def __init__(self, arch: str, weights: str, device: str, precision: str, threads: int | None) -> None:
-        from pipeline.extractor import Extractor
+        from pipeline.model.extractor import Extractor
         self.ex = Extractor(arch, weights, device=device, precision=precision, num_threads=threads)
 
     def __call__(self, batch: dict) -> dict:
@@ -133,7 +133,7 @@ def run_dataloader(paths: list[Path], args: argparse.Namespace, out: Path) -> di
     import pyarrow.parquet as pq
     from torch.utils.data import DataLoader
 
-    from pipeline.extractor import Extractor
+    from pipeline.model.extractor import Extractor
     t0 = time.time()
     cuda = args.device == "cuda"
     ex = Extractor(args.arch, args.weights, device=args.device, precision=args.precision or "auto",

@@ -2,9 +2,9 @@
 
 Two decoders, the ones the pipeline uses:
 
-* ``gpu`` — :class:`pipeline.gpu.GpuBatchDecoder` (nvJPEG batches, resize/crop on the device), one
+* ``gpu`` — :class:`pipeline.decode.gpu.GpuBatchDecoder` (nvJPEG batches, resize/crop on the device), one
   batch at a time, synchronised, so the figure is the decoder alone, without the model;
-* ``cpu`` — :func:`pipeline.gpu.cpu_decode_uint8` (PIL with JPEG draft + the recipe's resize) on a
+* ``cpu`` — :func:`pipeline.decode.gpu.cpu_decode_uint8` (PIL with JPEG draft + the recipe's resize) on a
   thread pool of ``--threads``, the CPU reader's work per image.
 
 Compared with ``model_only.py`` at the same batch size it says which stage bounds the pipeline::
@@ -33,7 +33,7 @@ LIMITS = dict(max_pixels=100_000_000, max_bytes=100_000_000)
 def gpu_rates(datas: list[bytes], batch_size: int, repeat: int, threads: int) -> list[float]:
     import torch
 
-    from pipeline.gpu import GpuBatchDecoder
+    from pipeline.decode.gpu import GpuBatchDecoder
     dec = GpuBatchDecoder("cuda", cpu_threads=threads, **LIMITS)
     batches = [list(enumerate(datas[i:i + batch_size])) for i in range(0, len(datas), batch_size)]
     try:
@@ -51,7 +51,7 @@ def gpu_rates(datas: list[bytes], batch_size: int, repeat: int, threads: int) ->
 
 
 def cpu_rates(datas: list[bytes], repeat: int, threads: int) -> list[float]:
-    from pipeline.gpu import cpu_decode_uint8
+    from pipeline.decode.gpu import cpu_decode_uint8
     rates = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(lambda d: cpu_decode_uint8(d, **LIMITS), datas[:threads]))  # warm-up

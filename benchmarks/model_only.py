@@ -1,4 +1,4 @@
-"""Model-only throughput: the pipeline's mapper (:class:`pipeline.extractor.Extractor`) on a
+"""Model-only throughput: the pipeline's mapper (:class:`pipeline.model.extractor.Extractor`) on a
 ready-made normalised batch, no reading, no decoding, no writing.
 
 The ceiling the end-to-end run is compared with (``benchmarks/end_to_end.py --compare-model-only``).
@@ -54,7 +54,7 @@ def measure(extractor, batch_size: int, images: int, warmup: int, repeat: int) -
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from pipeline.extractor import Extractor
+    from pipeline.model.extractor import Extractor
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("model_only.py: --device cuda but no CUDA device is visible")

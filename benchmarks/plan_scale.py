@@ -64,7 +64,7 @@ def child(input_url: str, output: str, shard_size: int) -> dict:
     """Run in a fresh interpreter: plan ``input_url`` into ``output`` and measure."""
     t_import = time.perf_counter()
     from pipeline.config import load_config
-    from pipeline.plan import build_plan, read_meta
+    from pipeline.input.plan import build_plan, read_meta
     import_s = time.perf_counter() - t_import
     rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg = load_config(None, [f"input.shard_size={shard_size}"])

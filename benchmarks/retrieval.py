@@ -4,7 +4,7 @@
 Every image is a query against all the others, ranked by cosine similarity; an image is
 relevant when it has the query's class.  Reported: mean average precision (mAP) of the standard
 fc7 column and of the ``descriptor`` column, and throughput of each mapper as the pipeline runs
-it -- :class:`pipeline.extractor.Extractor` and :class:`pipeline.descriptor.DenseExtractor`,
+it -- :class:`pipeline.model.extractor.Extractor` and :class:`pipeline.model.descriptor.DenseExtractor`,
 timed in-process on the same decoded batches (decoding is not timed; the descriptor's
 per-scale resizing is, since it happens inside its ``embed``).  The dense mapper also writes
 fc7 and logits, so its time is the whole cost of ``model.descriptor: dense-multiscale``.
@@ -33,12 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline.decode import IMAGE_EXTENSIONS, decode_image  # noqa: E402
-from pipeline.descriptor import MIN_SCALE, DenseExtractor  # noqa: E402
+from pipeline.decode.cpu import IMAGE_EXTENSIONS, decode_image  # noqa: E402
+from pipeline.model.descriptor import MIN_SCALE, DenseExtractor  # noqa: E402
 from pipeline.errors import ItemError, UsageError  # noqa: E402
-from pipeline.extractor import Extractor  # noqa: E402
-from pipeline.preprocess import RESIZE, preprocess_pil  # noqa: E402
-from pipeline.reader import Decoded  # noqa: E402
+from pipeline.model.extractor import Extractor  # noqa: E402
+from pipeline.decode.preprocess import RESIZE, preprocess_pil  # noqa: E402
+from pipeline.decode.preprocess import Decoded  # noqa: E402
 
 from common import cpu_model  # noqa: E402  (benchmarks/common.py)
 

@@ -2,7 +2,7 @@
 
 Vectors are Gaussian clusters around random centres (``x = c + spread * noise``, then
 L2-normalised), queries are fresh points from the same clusters (not in the index).  Each
-kind is built with :func:`pipeline.index.make_index` — the same code ``build_index`` runs —
+kind is built with :func:`pipeline.retrieval.index.make_index` — the same code ``build_index`` runs —
 and compared against exact search (``flat``), which is also the ground truth.
 
     python benchmarks/search.py --n 100000 --d 4096 --queries 1000 --clusters 1000 \\
@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.embeddings import l2_normalize  # noqa: E402
-from pipeline.index import make_index, set_search_params  # noqa: E402
+from pipeline.output.embeddings import l2_normalize  # noqa: E402
+from pipeline.retrieval.index import make_index, set_search_params  # noqa: E402
 
 SWEEPS = {"ivf-pq": ("nprobe", [8, 16, 32, 64, 128]), "hnsw": ("ef_search", [32, 64, 128, 256])}
 

@@ -37,7 +37,7 @@ def extract(input: str, output: str, /, *, weights: Optional[str] = None, conf: 
     ``input={"shard_size": 100}``) or with ``__`` for the dot (``runtime__batch_size=16``).  Raises :class:`pipeline.errors.UsageError`
     for bad arguments and :class:`pipeline.errors.JobFailed` if the job cannot finish.
     """
-    from .driver import run_extract
+    from .run.driver import run_extract
     values = _dotted(overrides)
     if weights is not None:
         values["model.weights"] = weights
@@ -48,6 +48,6 @@ def extract(input: str, output: str, /, *, weights: Optional[str] = None, conf: 
 
 def load_embeddings(output: str, column: str = "fc7", *, normalize: bool = False,
                     storage_options: Optional[dict] = None):
-    """Ids, uris and a float32 matrix of ``column`` from an output (see :mod:`pipeline.embeddings`)."""
-    from .embeddings import load_embeddings as _load
+    """Ids, uris and a float32 matrix of ``column`` from an output (see :mod:`pipeline.output.embeddings`)."""
+    from .output.embeddings import load_embeddings as _load
     return _load(output, column, normalize=normalize, storage_options=storage_options)

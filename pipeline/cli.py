@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> dict[str, Callable[[argparse._SubParsersAction], None]]:
     """Subcommands living in their own modules (search, cluster submission), added if present."""
     found = {}
-    for module, attr in (("pipeline.search", "add_commands"), ("pipeline.submit", "add_commands")):
+    for module, attr in (("pipeline.retrieval.search", "add_commands"), ("pipeline.submit", "add_commands")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ImportError:
@@ -87,12 +87,12 @@ def _extra_commands() -> dict[str, Callable[[argparse._SubParsersAction], None]]
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .driver import run_extract
+    from .run.driver import run_extract
     cfg = load_config(args.conf, args.set, {"model.weights": args.weights} if args.weights else None)
     storage = parse_storage_options(args.storage_option)
     show_bar = not args.no_progress and sys.stderr.isatty()
     if not show_bar and not args.no_progress:  # e.g. inside a Ray job: periodic progress lines instead
-        logging.getLogger("pipeline.driver").setLevel(logging.INFO)
+        logging.getLogger("pipeline.run.driver").setLevel(logging.INFO)
     summary = run_extract(args.input, args.output, cfg, storage_options=storage, address=args.address,
                           overwrite=args.overwrite, dry_run=args.dry_run,
                           progress=show_bar)
@@ -109,7 +109,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .output.verify import verify
     report = verify(args.output, parse_storage_options(args.storage_option))
     if args.json:
         print(json.dumps({"ok": report.ok, "images": report.images, "embedded": report.embedded,

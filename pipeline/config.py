@@ -23,7 +23,7 @@ import fsspec
 import yaml
 
 from .errors import UsageError
-from .archs import ARCHS
+from .model.archs import ARCHS
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 

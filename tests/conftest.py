@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model import build_vgg, init_weights
+from pipeline.model.vgg import build_vgg, init_weights
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home-tests-never-download")

@@ -1,4 +1,4 @@
-"""pipeline.decode: every accepted format and mode becomes the right RGB image; every bad file
+"""pipeline.decode.cpu: every accepted format and mode becomes the right RGB image; every bad file
 becomes one ``ItemError(stage="decode")``; bombs are refused before any pixel is decoded."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.decode import IMAGE_EXTENSIONS, decode_image, image_size
+from pipeline.decode.cpu import IMAGE_EXTENSIONS, decode_image, image_size
 from pipeline.errors import ItemError
 from tests import corpus
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.descriptor import (MAX_SIDE, DenseExtractor, DenseVGG, aggregate, plan_batches,
+from pipeline.model.descriptor import (MAX_SIDE, DenseExtractor, DenseVGG, aggregate, plan_batches,
                                  scale_image)
 from pipeline.errors import UsageError
-from pipeline.preprocess import MEAN, STD, preprocess_pil
-from pipeline.reader import Decoded
+from pipeline.decode.preprocess import MEAN, STD, preprocess_pil
+from pipeline.decode.preprocess import Decoded
 from tests.corpus import small_photo
 
 SCALES = [224, 256]
@@ -207,8 +207,8 @@ def test_cuda_matches_cpu(ex, vgg11_weights):
 @pytest.mark.parametrize("how,dim", [("mean", 4096), ("stack", 8192)])
 def test_extract_end_to_end(ray_local, vgg11_weights, tmp_path, how, dim):
     import pipeline
-    from pipeline.embeddings import load_embeddings
-    from pipeline.verify import verify
+    from pipeline.output.embeddings import load_embeddings
+    from pipeline.output.verify import verify
 
     src = tmp_path / "in"
     src.mkdir()

@@ -17,8 +17,8 @@ import torchvision
 from PIL import Image, ImageOps
 
 from pipeline.cli import main
-from pipeline.preprocess import preprocess_pil
-from pipeline.verify import verify
+from pipeline.decode.preprocess import preprocess_pil
+from pipeline.output.verify import verify
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
 

@@ -31,8 +31,8 @@ import pytest
 
 import pipeline
 from pipeline.errors import UsageError
-from pipeline.verify import verify
-from pipeline.worker import CRASH_ENV, HANG_ENV
+from pipeline.output.verify import verify
+from pipeline.run.worker import CRASH_ENV, HANG_ENV
 from tests.corpus import small_photo
 
 N_IMAGES = 16

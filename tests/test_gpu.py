@@ -1,4 +1,4 @@
-"""pipeline.gpu: routing, orientation and batch sizing on any machine; nvJPEG decoding under ``gpu``."""
+"""pipeline.decode.gpu: routing, orientation and batch sizing on any machine; nvJPEG decoding under ``gpu``."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.decode import _TRANSPOSE, _orientation, decode_image, decode_with_size
+from pipeline.decode.cpu import _TRANSPOSE, _orientation, decode_image, decode_with_size
 from pipeline.errors import ItemError
-from pipeline.gpu import (GpuBatch, GpuBatchDecoder, auto_batch_size, cpu_decode_uint8, decode_ahead,
-                          orient, parse_jpeg_header, pil_crop_uint8, route, _activation_peak_elems,
-                          _param_count)
-from pipeline.model import ARCHS, build_vgg
-from pipeline.preprocess import normalize_batch, preprocess_pil
+from pipeline.decode.gpu import (GpuBatch, GpuBatchDecoder, cpu_decode_uint8, decode_ahead, orient,
+                                 parse_jpeg_header, pil_crop_uint8, route)
+from pipeline.model.batch_size import _activation_peak_elems, _param_count, auto_batch_size
+from pipeline.model.vgg import ARCHS, build_vgg
+from pipeline.decode.preprocess import normalize_batch, preprocess_pil
 from tests.corpus import (BAD_ERROR_TYPES, encode, exif_jpeg, sample_photos, small_photo, write_bad_corpus,
                           write_good_corpus)
 
@@ -242,7 +242,7 @@ def _photo_jpegs() -> list[bytes]:
 
 @pytest.mark.gpu
 def test_gpu_decode_agrees_with_the_cpu_path_on_fc7():
-    from pipeline.extractor import Extractor
+    from pipeline.model.extractor import Extractor
     datas = _photo_jpegs()
     dec = GpuBatchDecoder("cuda", cpu_threads=2, **LIMITS)
     try:
@@ -292,7 +292,7 @@ def test_gpu_batch_mixes_fallbacks_and_errors_like_the_cpu_reader(corpus):
 
 @pytest.mark.gpu
 def test_decode_ahead_feeds_the_extractor_through_decoded_items():
-    from pipeline.extractor import Extractor
+    from pipeline.model.extractor import Extractor
     datas = _photo_jpegs()
     dec = GpuBatchDecoder("cuda", cpu_threads=2, **LIMITS)
     ex = Extractor("vgg11", "random:0", device="cuda")
@@ -310,7 +310,7 @@ def test_decode_ahead_feeds_the_extractor_through_decoded_items():
 
 @pytest.mark.gpu
 def test_cuda_batch_size_from_free_memory():
-    from pipeline.gpu import cuda_batch_size
+    from pipeline.model.batch_size import cuda_batch_size
     n = cuda_batch_size("vgg16", "cuda")
     assert 1 <= n <= 256 and n & (n - 1) == 0
 
@@ -346,8 +346,8 @@ def test_worker_gpu_decode_path_gives_the_cpu_readers_rows(tmp_path):
     """Same shard through the CPU reader and through the decoder-batch path: same rows, same
     error rows (read, decode, duplicate), fc7 equal; batches never exceed runtime.batch_size."""
     from pipeline.config import load_config
-    from pipeline.plan import Shard
-    from pipeline.worker import ShardWorker
+    from pipeline.input.plan import Shard
+    from pipeline.run.worker import ShardWorker
 
     root = tmp_path / "in"
     good = sorted(write_good_corpus(root, n=7))
@@ -378,7 +378,7 @@ def test_worker_gpu_decode_path_gives_the_cpu_readers_rows(tmp_path):
 def test_runtime_decode_cpu_or_a_cpu_device_keeps_the_cpu_reader():
     from types import SimpleNamespace
 
-    from pipeline.worker import uses_gpu_decode
+    from pipeline.run.worker import uses_gpu_decode
     cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
     dense = SimpleNamespace(device=torch.device("cuda"), needs_image=True)
     assert uses_gpu_decode("auto", cuda) and uses_gpu_decode("gpu", cuda)

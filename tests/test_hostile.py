@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 import pipeline
-from pipeline.verify import verify
+from pipeline.output.verify import verify
 from tests.corpus import BAD_ERROR_TYPES, encode, small_photo, write_bad_corpus, write_good_corpus, write_sidecars
 
 MAX_PIXELS = 4_000_000  # far above any corpus photo (<= 400 px a side), far below every bomb

@@ -1,4 +1,4 @@
-"""Reading embeddings back and FAISS indexes over them (pipeline.embeddings, pipeline.index).
+"""Reading embeddings back and FAISS indexes over them (pipeline.output.embeddings, pipeline.retrieval.index).
 
 Outputs are written here with pyarrow the way the extractor's writer does (zstd, fixed-size
 lists, ``vgg_pipeline`` schema metadata, one file per shard, empty shards included), so
@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.embeddings import (Embeddings, embedding_files, iter_embeddings, l2_normalize,
+from pipeline.output.embeddings import (Embeddings, embedding_files, iter_embeddings, l2_normalize,
                                  load_embeddings, vector_matrix, vectors_for_ids)
 from pipeline.errors import UsageError
-from pipeline.index import LoadedIndex, build_index, load_index, make_index
+from pipeline.retrieval.index import LoadedIndex, build_index, load_index, make_index
 
 FC7 = 4096
 META = {"model": {"arch": "vgg16", "descriptor": "fc7"}, "weights": {"name": "random:0"},

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.verify import verify
+from pipeline.output.verify import verify
 from tests.test_faults import cli_env
 
 pytestmark = pytest.mark.slow
@@ -34,9 +34,9 @@ MAX_GROWTH_MB = 15  # holding the 36,000 extra entries alone would take ~30 MB (
 WRAPPER = r'''
 import resource, sys
 import pandas  # noqa: F401 - see the test module's docstring
-import pipeline.plan as plan
+import pipeline.input.plan as plan
 for name, rows in (("GROUP_ROWS", 1000), ("PART_ROWS", 4000)):
-    assert hasattr(plan, name), f"pipeline.plan.{name} is gone: update tests/test_memory.py"
+    assert hasattr(plan, name), f"pipeline.input.plan.{name} is gone: update tests/test_memory.py"
     setattr(plan, name, rows)
 from pipeline.cli import main
 rc = main(["extract", *sys.argv[1:]])

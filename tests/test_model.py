@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.model import ARCHS, build_vgg, init_weights
-from pipeline.preprocess import preprocess_pil
+from pipeline.model.vgg import ARCHS, build_vgg, init_weights
+from pipeline.decode.preprocess import preprocess_pil
 from tests.corpus import sample_photos
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import load_config
-from pipeline.driver import _pool_shape
+from pipeline.run.driver import _pool_shape
 from pipeline.errors import UsageError
 
 

@@ -6,8 +6,8 @@ import torch
 from torchvision.models import VGG16_Weights
 from torchvision import transforms as T
 
-from pipeline.decode import decode_image
-from pipeline.preprocess import normalize_batch, preprocess_pil, resize_crop_uint8
+from pipeline.decode.cpu import decode_image
+from pipeline.decode.preprocess import normalize_batch, preprocess_pil, resize_crop_uint8
 from tests.corpus import encode, sample_photos
 
 REFERENCE = VGG16_Weights.IMAGENET1K_V1.transforms()

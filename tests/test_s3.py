@@ -20,9 +20,10 @@ import pytest
 
 import pipeline
 from pipeline import sources, storage
-from pipeline.reader import Decoded, read_shard
-from pipeline.sources import ListingStats, list_input
-from pipeline.storage import FileSystems
+from pipeline.decode.preprocess import Decoded
+from pipeline.input.reader import read_shard
+from pipeline.input.sources import ListingStats, list_input
+from pipeline.input.storage import FileSystems
 from tests.corpus import encode, small_photo
 
 BUCKET = "vgg-s3-test"

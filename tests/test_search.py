@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.search import search
+from pipeline.retrieval.search import search
 from tests.conftest import extract_thumbnails
 
 

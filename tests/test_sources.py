@@ -21,10 +21,11 @@ import pytest
 from pipeline import plan as plan_mod
 from pipeline.config import IMAGE_EXTENSIONS, load_config
 from pipeline.errors import UsageError
-from pipeline.plan import build_plan, iter_shards, read_meta
-from pipeline.reader import Decoded, Failed, read_shard
-from pipeline.sources import ListingStats, input_kind, list_input, read_tar_members
-from pipeline.storage import FileSystems, with_retries
+from pipeline.input.plan import build_plan, iter_shards, read_meta
+from pipeline.decode.preprocess import Decoded
+from pipeline.input.reader import Failed, read_shard
+from pipeline.input.sources import ListingStats, input_kind, list_input, read_tar_members
+from pipeline.input.storage import FileSystems, with_retries
 from tests.corpus import encode, small_photo, write_good_corpus, write_sidecars
 
 EXPECTED_SIDECAR_SKIPS = {

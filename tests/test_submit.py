@@ -337,7 +337,7 @@ def _photos(folder: Path, n: int) -> Path:
 
 @pytest.mark.slow  # a real two-node cluster: ~1 min on 2 cores, more under load
 def test_submit_runs_extract_on_the_cluster(cluster, tmp_path):
-    from pipeline.verify import verify
+    from pipeline.output.verify import verify
 
     photos = _photos(tmp_path / "photos", 5)
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""pipeline.weights: imagenet download + cache, files (local, http, memory://), safetensors,
+"""pipeline.model.weights: imagenet download + cache, files (local, http, memory://), safetensors,
 random seeds, and the one-line errors for everything a user can get wrong.  All offline: weight
 files are made here and "the internet" is an http.server on 127.0.0.1.
 
@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 
 from pipeline import weights
 from pipeline.errors import UsageError, WeightsError
-from pipeline.model import build_vgg
-from pipeline.weights import (IMAGENET_URLS, TIMEOUT_ENV, URL_BASE_ENV, WeightsInfo, load_model,
+from pipeline.model.vgg import build_vgg
+from pipeline.model.weights import (IMAGENET_URLS, TIMEOUT_ENV, URL_BASE_ENV, WeightsInfo, load_model,
                               load_state_dict, weights_identity)
 
 
@@ -252,7 +252,7 @@ def test_corrupt_cached_file_is_downloaded_again(hub, monkeypatch, server, tiny_
     route = _publish(monkeypatch, server, file, name)
     hub.mkdir(parents=True)
     (hub / name).write_bytes(b"not the weights")
-    with caplog.at_level(logging.WARNING, logger="pipeline.weights"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.weights"):
         state, info = load_state_dict("imagenet", "vgg11")
     assert "corrupt" in caplog.text
     assert server.hits.count(route) == 1 and info.sha256 == sha == _sha256(hub / name)
@@ -407,7 +407,7 @@ def test_fp16_file_loads_as_fp32(tmp_path):
 
 
 def test_random_seed_is_deterministic_and_loud(caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.weights"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.model.weights"):
         a, info = load_state_dict("random:7", "vgg11_bn")
     assert info == WeightsInfo("random:7", "random:7", None, True)
     assert "RANDOM weights" in caplog.text and "meaningless" in caplog.text

@@ -1,7 +1,7 @@
 """Table 1 of Simonyan & Zisserman (2015) as data: the VGG configurations, importable without torch.
 
 Numbers are conv output channels (3x3, stride 1, pad 1), ``"M"`` a 2x2 max-pool.  Kept apart from
-:mod:`pipeline.model` so the CLI can validate ``model.arch`` without importing torch.
+:mod:`pipeline.model.vgg` so the CLI can validate ``model.arch`` without importing torch.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .archs import FC7_DIM, NUM_CLASSES
-from .storage import join, remove_if_exists, url_to_fs, write_atomic
+from ..model.archs import FC7_DIM, NUM_CLASSES
+from ..input.storage import join, remove_if_exists, url_to_fs, write_atomic
 
 EMBEDDINGS_DIR = "embeddings"
 ERRORS_DIR = "errors"

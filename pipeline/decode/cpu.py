@@ -34,7 +34,7 @@ import threading
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .errors import ItemError
+from ..errors import ItemError
 
 log = logging.getLogger(__name__)
 

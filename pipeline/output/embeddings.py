@@ -13,7 +13,7 @@ Plain ``list`` columns of equal length (what Spark writes back) are accepted too
 
 Example::
 
-    >>> from pipeline.embeddings import load_embeddings
+    >>> from pipeline.output.embeddings import load_embeddings
     >>> emb = load_embeddings("out/", normalize=True)          # doctest: +SKIP
     >>> emb.vectors.shape, emb.ids[0]                          # doctest: +SKIP
     ((120000, 4096), 'cats/0001.jpg')
@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
-from pipeline.storage import is_local, join, to_uri, url_to_fs
+from pipeline.input.storage import is_local, join, to_uri, url_to_fs
 
 log = logging.getLogger(__name__)
 

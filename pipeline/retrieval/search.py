@@ -6,7 +6,7 @@ collection vectors are comparable.
 
 Example::
 
-    >>> from pipeline.search import search
+    >>> from pipeline.retrieval.search import search
     >>> hits = search("out/", ["cat.jpg"], k=5)   # doctest: +SKIP
     >>> hits[0]["results"][0]["id"]                # doctest: +SKIP
     'pets/cat.jpg'
@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .config import load_config, parse_storage_options
-from .errors import ItemError, UsageError
+from ..config import load_config, parse_storage_options
+from ..errors import ItemError, UsageError
 
 COLUMNS = ("fc7", "descriptor")
 
@@ -37,8 +37,8 @@ class QueryEmbedder:
 
     def __init__(self, metadata: dict, column: str, weights: Optional[str],
                  storage_options: Optional[dict]) -> None:
-        from .storage import FileSystems
-        from .worker import make_mapper
+        from ..input.storage import FileSystems
+        from ..model.mapper import make_mapper
         model = metadata.get("model", {})
         recorded = metadata.get("weights", {})
         spec = weights or recorded.get("spec")
@@ -67,9 +67,9 @@ class QueryEmbedder:
 
     def __call__(self, uri: str) -> tuple[np.ndarray, np.ndarray]:
         """``(vector, logits)`` for the image at ``uri``; an unreadable image is a UsageError."""
-        from .decode import decode_with_size
-        from .preprocess import RESIZE, preprocess_pil
-        from .reader import Decoded
+        from ..decode.cpu import decode_with_size
+        from ..decode.preprocess import RESIZE, preprocess_pil
+        from ..decode.preprocess import Decoded
         inp = self.cfg["input"]
         try:
             data = self.fsys.read_bytes(uri, inp["max_bytes"])
@@ -84,7 +84,7 @@ class QueryEmbedder:
 
 
 def _is_image_path(query: str, storage_options: Optional[dict]) -> bool:
-    from .storage import url_to_fs
+    from ..input.storage import url_to_fs
     try:
         fs, path = url_to_fs(query, storage_options)
         return fs.isfile(path)
@@ -95,7 +95,7 @@ def _is_image_path(query: str, storage_options: Optional[dict]) -> bool:
 def search(output: str, queries: list[str], *, k: int = 10, column: str = "fc7", kind: Optional[str] = None,
            weights: Optional[str] = None, storage_options: Optional[dict] = None) -> list[dict]:
     """Top ``k`` neighbours for each query (an id in ``output`` or an image path/URI)."""
-    from .embeddings import vectors_for_ids
+    from ..output.embeddings import vectors_for_ids
     from .index import load_index
     if column not in COLUMNS:
         raise UsageError(f"--column must be one of {', '.join(COLUMNS)}")
@@ -126,9 +126,9 @@ def search(output: str, queries: list[str], *, k: int = 10, column: str = "fc7",
 
 def _output_metadata(output: str, storage_options: Optional[dict]) -> dict:
     import pyarrow.parquet as pq
-    from .embeddings import embedding_files
-    from .storage import url_to_fs
-    from .writer import METADATA_KEY
+    from ..output.embeddings import embedding_files
+    from ..input.storage import url_to_fs
+    from ..output.writer import METADATA_KEY
     fs, _ = url_to_fs(output, storage_options)
     for f in embedding_files(output, storage_options):
         with fs.open(fs._strip_protocol(f), "rb") as fh:
@@ -141,7 +141,7 @@ def _output_metadata(output: str, storage_options: Optional[dict]) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from .embeddings import count_rows
+    from ..output.embeddings import count_rows
     from .index import build_index
     so = parse_storage_options(args.storage_option)
     kind = args.kind if args.kind != "auto" else default_kind(count_rows(args.output, so))

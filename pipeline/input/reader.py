@@ -17,20 +17,11 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
-from .decode import decode_with_size
-from .errors import ItemError
-from .preprocess import RESIZE, preprocess_pil
+from ..decode.cpu import decode_with_size
+from ..errors import ItemError
+from ..decode.preprocess import RESIZE, Decoded, preprocess_pil
 from .sources import read_tar_members
 from .storage import FileSystems, FileTooLarge
-
-
-@dataclass
-class Decoded:
-    pos: int
-    pixels: torch.Tensor  # preprocessed (3, 224, 224) float32
-    width: int
-    height: int
-    image: object = None  # the RGB PIL image, kept only when the mapper needs the whole image
 
 
 @dataclass
@@ -146,7 +137,7 @@ def fetch_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_bytes
                 before_item: Optional[Callable[[int], None]] = None) -> Iterator[Union[Fetched, Failed]]:
     """The encoded bytes of ``uris`` (positions in ``skip`` left out), in order, ``prefetch`` ahead.
 
-    For decoders that take bytes themselves (:class:`pipeline.gpu.GpuBatchDecoder`).
+    For decoders that take bytes themselves (:class:`pipeline.decode.gpu.GpuBatchDecoder`).
     """
     fetch = _fetcher(uris, fsys, max_bytes, times if times is not None else StageTimes())
     return _ordered(fetch, (p for p in range(len(uris)) if p not in skip), threads=threads,

@@ -3,7 +3,7 @@
 :class:`GpuBatchDecoder` turns a batch of ``(pos, encoded bytes)`` into a uint8
 ``(N, 3, 224, 224)`` tensor on the device, the upright ``(width, height)`` of every image, and an
 ``ItemError`` for every image that cannot be decoded — the same outcome as the CPU reader
-(:mod:`pipeline.reader`), within the DESIGN §2 tolerance (fc7 cosine >= 0.999).
+(:mod:`pipeline.input.reader`), within the DESIGN §2 tolerance (fc7 cosine >= 0.999).
 
 Routing is decided from the header alone (:func:`route`: a marker scan, no pixels decoded, no
 CUDA needed, a few microseconds where PIL's ``Image.open`` costs ~100):
@@ -27,12 +27,10 @@ of 39 (docs/benchmarks.md).
 
 A JPEG that nvJPEG rejects after all is retried alone on the GPU, then on the CPU, so one bad file
 never costs its batch.  EXIF orientation is read from the header and applied to the decoded
-tensor (:func:`orient`).  Resize and crop run on the device (:func:`pipeline.preprocess.resize_crop_uint8`);
+tensor (:func:`orient`).  Resize and crop run on the device (:func:`pipeline.decode.preprocess.resize_crop_uint8`);
 CPU-decoded crops travel through pinned memory.  All device work runs on the decoder's own CUDA
 stream, so a batch can be decoded (:func:`decode_ahead`, one background thread) while the model
 runs the previous one on the default stream.
-
-Batch size from free device memory: :func:`auto_batch_size` (a pure function of the architecture).
 """
 
 from __future__ import annotations
@@ -53,11 +51,9 @@ import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
-from .decode import decode_with_size
-from .errors import ItemError
-from .model import ARCH_TO_CONFIG, CONFIGS
-from .preprocess import CROP, RESIZE, normalize_batch, resize_crop_uint8
-from .reader import Decoded
+from .cpu import decode_with_size
+from ..errors import ItemError
+from .preprocess import CROP, RESIZE, Decoded, normalize_batch, resize_crop_uint8
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +63,6 @@ warnings.filterwarnings("ignore", message=r".*image decoding and encoding capabi
 
 GPU_MAX_PIXELS = 40_000_000     # larger JPEGs decode on the CPU, at a reduced DCT scale
 CHUNK_PIXELS = 64_000_000       # decoded pixels per nvJPEG call: bounds the uint8 output buffers
-MAX_BATCH = 256                 # bigger batches add latency and memory for little VGG throughput
 _EOI = b"\xff\xd9"
 _ORIENTATION_TAG = 0x0112
 
@@ -239,68 +234,6 @@ def cpu_decode_uint8(data: bytes, *, max_pixels: int, max_bytes: int) -> tuple[t
         raise
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not kill the batch
         raise ItemError("decode", type(exc).__name__, str(exc)[:200]) from exc
-
-
-# -- batch size -------------------------------------------------------------------------------------
-
-
-def _activation_peak_elems(arch: str, size: int = CROP) -> int:
-    """Largest (input + output) element count of one layer of ``arch`` for one image."""
-    base = arch.partition("_")[0]
-    cfg = CONFIGS[ARCH_TO_CONFIG[base]]
-    channels, side, peak = 3, size, 0
-    for v in cfg:
-        if v == "M":
-            out_side = side // 2
-            peak = max(peak, channels * side * side + channels * out_side * out_side)
-            side = out_side
-        else:
-            peak = max(peak, channels * side * side + int(v) * side * side)
-            channels = int(v)
-    return peak
-
-
-def _param_count(arch: str) -> int:
-    base = arch.partition("_")[0]
-    cfg = CONFIGS[ARCH_TO_CONFIG[base]]
-    params, channels = 0, 3
-    for v in cfg:
-        if v != "M":
-            params += channels * int(v) * 9 + int(v)
-            channels = int(v)
-    return params + (512 * 7 * 7 + 1) * 4096 + (4096 + 1) * 4096 + (4096 + 1) * 1000
-
-
-def auto_batch_size(model_arch: str, free_bytes: int, *, precision: str = "bf16",
-                    weights_resident: bool = False, max_batch: int = MAX_BATCH,
-                    reserve_bytes: int = 1 << 30) -> int:
-    """Largest power-of-two batch (1..``max_batch``) that fits ``free_bytes`` of device memory.
-
-    Per image: the biggest layer's input + output activations in the compute dtype, with 50 %
-    headroom for cuDNN workspaces and allocator slack, plus two batches of input (float32 and
-    uint8: one in the model, one being decoded).  ``weights_resident`` says the model is already
-    in ``free_bytes``' complement; otherwise its fp32 parameters (and their autocast copies) are
-    taken off first.  ``reserve_bytes`` (default 1 GiB) is left for the CUDA context and nvJPEG.
-    """
-    if model_arch.partition("_")[0] not in ARCH_TO_CONFIG:
-        raise ValueError(f"unknown model.arch {model_arch!r}")
-    elem = 4 if precision == "fp32" else 2
-    per_image = int(_activation_peak_elems(model_arch) * elem * 1.5) + 2 * 3 * CROP * CROP * (4 + 1)
-    budget = free_bytes - reserve_bytes
-    if not weights_resident:
-        budget -= _param_count(model_arch) * (4 + (0 if precision == "fp32" else 2))
-    fits = max(1, int(budget // per_image)) if budget > 0 else 1
-    batch = 1
-    while batch * 2 <= min(fits, max_batch):
-        batch *= 2
-    return batch
-
-
-def cuda_batch_size(model_arch: str, device: Union[str, torch.device], precision: str = "bf16",
-                    max_batch: int = MAX_BATCH) -> int:
-    """:func:`auto_batch_size` from ``torch.cuda.mem_get_info`` (call once the model is loaded)."""
-    free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return auto_batch_size(model_arch, free, precision=precision, weights_resident=True, max_batch=max_batch)
 
 
 # -- the decoder ------------------------------------------------------------------------------------

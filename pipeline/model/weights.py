@@ -20,7 +20,7 @@ Every failure the user can fix is a one-line :class:`~pipeline.errors.WeightsErr
 
 Example::
 
-    >>> from pipeline.weights import load_model
+    >>> from pipeline.model.weights import load_model
     >>> model, info = load_model("vgg11", "random:0")
     >>> info.name, info.is_random, model.training
     ('random:0', True, False)
@@ -50,7 +50,7 @@ import torch.hub
 from torch import nn
 
 from pipeline.errors import UsageError, WeightsError
-from pipeline.model import ARCHS, VGG, build_vgg, init_weights
+from pipeline.model.vgg import ARCHS, VGG, build_vgg, init_weights
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ fc7 cosine >= 0.999 (tested under the ``gpu`` marker).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
@@ -43,3 +45,14 @@ def normalize_batch(batch_uint8: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+@dataclass
+class Decoded:
+    """One image ready for the mapper (from the CPU reader or the GPU decoder)."""
+
+    pos: int
+    pixels: torch.Tensor  # preprocessed (3, 224, 224) float32
+    width: int
+    height: int
+    image: object = None  # the RGB PIL image, kept only when the mapper needs the whole image

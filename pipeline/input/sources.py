@@ -9,7 +9,7 @@ other extensions).
 
 Example::
 
-    >>> from pipeline.sources import list_input, ListingStats
+    >>> from pipeline.input.sources import list_input, ListingStats
     >>> stats = ListingStats()
     >>> items = list(list_input("tests", ["jpg"], stats=stats))  # doctest: +SKIP
 """
@@ -32,7 +32,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.asyn import sync
 
-from .errors import UsageError
+from ..errors import UsageError
 from .storage import is_local, to_uri, url_to_fs
 
 log = logging.getLogger(__name__)

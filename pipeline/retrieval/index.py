@@ -41,9 +41,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.embeddings import count_rows, iter_embeddings, l2_normalize
+from pipeline.output.embeddings import count_rows, iter_embeddings, l2_normalize
 from pipeline.errors import UsageError
-from pipeline.storage import is_local, url_to_fs, write_atomic
+from pipeline.input.storage import is_local, url_to_fs, write_atomic
 
 log = logging.getLogger(__name__)
 

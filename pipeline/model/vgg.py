@@ -8,7 +8,7 @@ and the 1000 class logits.
 Example::
 
     >>> import torch
-    >>> from pipeline.model import build_vgg
+    >>> from pipeline.model.vgg import build_vgg
     >>> net = build_vgg("vgg11").eval()
     >>> fc7, logits = net(torch.zeros(1, 3, 224, 224))
     >>> tuple(fc7.shape), tuple(logits.shape)

@@ -12,7 +12,7 @@ image at any size >= 224 and yields a spatial map of fc7 activations and class s
   ``stack``: L2-normalise each scale, concatenate, L2-normalise again (4096 x |Q|).
 
 :class:`DenseExtractor` is the pipeline's mapper for ``model.descriptor: dense-multiscale``.  It
-*is* an :class:`~pipeline.extractor.Extractor` (same model loading, device and precision) and
+*is* an :class:`~pipeline.model.extractor.Extractor` (same model loading, device and precision) and
 still writes the standard center-crop ``fc7``/``logits``, adding ``descriptor`` and
 ``dense_probs`` (the paper's dense class posteriors: softmax at every position, averaged over
 positions, the flip and the scales).
@@ -23,7 +23,7 @@ input pixels; an image too large for that runs alone, its flip in a second pass.
 
 Example::
 
-    >>> from pipeline.descriptor import DenseExtractor
+    >>> from pipeline.model.descriptor import DenseExtractor
     >>> ex = DenseExtractor("vgg11", "random:0", scales=[224, 256])   # doctest: +SKIP
     >>> out = ex.embed(items)        # items: reader.Decoded with .image kept   # doctest: +SKIP
     >>> out["descriptor"].shape                                             # doctest: +SKIP
@@ -44,10 +44,10 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 from .extractor import Extractor
-from .model import FC7_DIM, VGG
-from .preprocess import normalize_batch
+from .vgg import FC7_DIM, VGG
+from ..decode.preprocess import normalize_batch
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ CUDA_MEMORY_FRACTION = 0.3
 
 
 class DenseVGG(nn.Module):
-    """A :class:`~pipeline.model.VGG` run fully convolutionally (the paper's dense evaluation).
+    """A :class:`~pipeline.model.vgg.VGG` run fully convolutionally (the paper's dense evaluation).
 
     Holds ``vgg`` itself: fc6/fc7/fc8 become 7x7/1x1/1x1 convolutions through *views* of the
     Linear weights (``(4096, 25088) -> (4096, 512, 7, 7)``, matching torch.flatten's C, H, W

@@ -16,9 +16,9 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UsageError
-from .plan import iter_shards, read_meta
-from .storage import join, url_to_fs
+from ..errors import UsageError
+from ..input.plan import iter_shards, read_meta
+from ..input.storage import join, url_to_fs
 from .writer import EMBEDDINGS_DIR, ERRORS_DIR, ERRORS_SCHEMA, SUCCESS, part_name
 
 REQUIRED_EMBEDDING_COLUMNS = ("id", "uri", "fc7", "logits", "width", "height")

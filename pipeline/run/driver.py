@@ -25,15 +25,15 @@ from typing import Any, Iterator, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
-from .config import model_fingerprint, redact
-from .errors import ItemError, JobFailed, UsageError
-from .plan import Shard, build_plan, iter_shards, read_meta
-from .sources import input_kind
-from .storage import is_local, join, url_to_fs, write_atomic
-from .verify import shard_counts
-from .weights import weights_identity
-from .writer import (EMBEDDINGS_DIR, ERRORS_DIR, METADATA_KEY, SUCCESS, ShardRows, done_shards,
+from .. import __version__
+from ..config import model_fingerprint, redact
+from ..errors import ItemError, JobFailed, UsageError
+from ..input.plan import Shard, build_plan, iter_shards, read_meta
+from ..input.sources import input_kind
+from ..input.storage import is_local, join, url_to_fs, write_atomic
+from ..output.verify import shard_counts
+from ..model.weights import weights_identity
+from ..output.writer import (EMBEDDINGS_DIR, ERRORS_DIR, METADATA_KEY, SUCCESS, ShardRows, done_shards,
                      embeddings_schema, embeddings_table, errors_table, part_name, write_shard)
 
 log = logging.getLogger(__name__)
@@ -353,6 +353,7 @@ class _Scheduler:
         if not opts["num_gpus"]:
             opts["runtime_env"] = {"env_vars": CPU_ACTOR_ENV}
         cls = self.ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0,
+                                                   max_concurrency=ShardWorker.MAX_CONCURRENCY,
                                                    scheduling_strategy="SPREAD", **opts)
         threads = int(self.actor_opts["num_cpus"]) if not self.actor_opts["num_gpus"] else None
         actor = cls.remote(self.cfg, self.output, self.so, threads, self.job)

@@ -6,7 +6,7 @@ with torch using exactly the cores the actor reserved (Ray sets ``OMP_NUM_THREAD
 Example::
 
     >>> import torch
-    >>> from pipeline.extractor import Extractor
+    >>> from pipeline.model.extractor import Extractor
     >>> ex = Extractor("vgg11", "random:0", device="cpu")  # doctest: +SKIP
     >>> fc7, logits = ex(torch.zeros(2, 3, 224, 224))      # doctest: +SKIP
 """

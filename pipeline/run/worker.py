@@ -17,14 +17,15 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from . import __version__
-from .errors import ItemError
-from .extractor import Extractor
-from .plan import Shard
-from .preprocess import DESCRIPTION as PREPROCESSING, RESIZE
-from .reader import Decoded, Failed, StageTimes, fetch_shard, read_shard
-from .storage import FileSystems
-from .writer import ShardRows, embeddings_schema, embeddings_table, errors_table, write_shard
+from .. import __version__
+from ..decode.preprocess import DESCRIPTION as PREPROCESSING, RESIZE, Decoded
+from ..errors import ItemError
+from ..input.plan import Shard
+from ..input.reader import Failed, StageTimes, fetch_shard, read_shard
+from ..input.storage import FileSystems
+from ..model.batch_size import default_batch_size
+from ..model.mapper import make_mapper
+from ..output.writer import ShardRows, embeddings_schema, embeddings_table, errors_table, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,6 @@ log = logging.getLogger(__name__)
 # blocks forever, like a wedged read or driver, until the driver's shard timeout kills it.
 CRASH_ENV = "VGG_PIPELINE_FAULT_CRASH_ID"
 HANG_ENV = "VGG_PIPELINE_FAULT_HANG_ID"
-
-
-def default_batch_size(mapper: Any, arch: str) -> int:
-    """CPU: 8.  CUDA: the largest power of two up to 256 that fits the free device memory (model
-    loaded), so a 16 GB card and an 80 GB card each get what they can hold."""
-    if mapper.device.type != "cuda":
-        return 8
-    from .gpu import cuda_batch_size
-    dense = getattr(mapper, "needs_image", False)  # dense descriptors size their own batches
-    return 64 if dense else cuda_batch_size(arch, mapper.device, mapper.precision)
 
 
 def uses_gpu_decode(decode: str, mapper: Any) -> bool:
@@ -55,19 +46,12 @@ def uses_gpu_decode(decode: str, mapper: Any) -> bool:
     return True
 
 
-def make_mapper(cfg: dict, storage_options: Optional[dict], num_threads: Optional[int]):
-    m, rt = cfg["model"], cfg["runtime"]
-    kwargs = dict(device=rt["device"], precision=rt["precision"], num_threads=num_threads,
-                  storage_options=storage_options)
-    if m["descriptor"] == "dense-multiscale":
-        from .descriptor import DenseExtractor
-        return DenseExtractor(m["arch"], m["weights"], scales=m["scales"],
-                              aggregation=m["scale_aggregation"], **kwargs)
-    return Extractor(m["arch"], m["weights"], **kwargs)
-
-
 class ShardWorker:
     """Processes shards; ``process(shard)`` writes its files and returns a summary dict."""
+
+    # Ray runs this many ``process`` calls of one actor at once (threads): the driver keeps as
+    # many shards in flight per actor, so one can be read while another is in the model.
+    MAX_CONCURRENCY = 1
 
     def __init__(self, cfg: dict, output: str, storage_options: Optional[dict] = None,
                  num_threads: Optional[int] = None, job: Optional[dict] = None) -> None:
@@ -81,7 +65,7 @@ class ShardWorker:
         self.threads = rt["decode_threads"] or max(2, min(16, (os.cpu_count() or 2)))
         self.gpu_decoder = None
         if uses_gpu_decode(rt.get("decode", "auto"), self.mapper):
-            from .gpu import GpuBatchDecoder
+            from ..decode.gpu import GpuBatchDecoder
             self.gpu_decoder = GpuBatchDecoder(self.mapper.device, max_pixels=inp["max_pixels"],
                                                max_bytes=inp["max_bytes"], cpu_threads=self.threads)
         descriptor_dim = getattr(self.mapper, "descriptor_dim", None)
@@ -202,9 +186,9 @@ class ShardWorker:
     def _gpu_decoded(self, shard: Shard, skip: set[int], times: StageTimes, before: Any,
                      results: dict[int, Any]) -> Iterator[list[Decoded]]:
         """The shard's images as device batches: files fetched on the reader threads, JPEGs decoded
-        with nvJPEG one batch ahead of the model (:func:`pipeline.gpu.decode_ahead`), the rest on
+        with nvJPEG one batch ahead of the model (:func:`pipeline.decode.gpu.decode_ahead`), the rest on
         the CPU.  Read and decode failures go into ``results``."""
-        from .gpu import decode_ahead
+        from ..decode.gpu import decode_ahead
 
         def encoded_batches() -> Iterator[list[tuple[int, bytes]]]:
             batch: list[tuple[int, bytes]] = []

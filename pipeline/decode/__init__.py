@@ -1,0 +1,1 @@
+"""Decode: CPU and GPU image decoders and the preprocessing recipe."""

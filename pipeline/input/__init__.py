@@ -1,0 +1,1 @@
+"""Input: storage access (fsspec), input forms and listing, the shard plan, the shard reader."""

@@ -1,0 +1,1 @@
+"""Output: the Parquet writer, exactly-once verification and reading embeddings back."""

@@ -1,0 +1,1 @@
+"""Retrieval: FAISS indexes over an output and nearest-neighbour search."""
