@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
-from pipeline import sources, storage
+from pipeline.input import sources, storage
 from pipeline.decode.preprocess import Decoded
 from pipeline.input.reader import read_shard
 from pipeline.input.sources import ListingStats, list_input

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import plan as plan_mod
+from pipeline.input import plan as plan_mod
 from pipeline.config import IMAGE_EXTENSIONS, load_config
 from pipeline.errors import UsageError
 from pipeline.input.plan import build_plan, iter_shards, read_meta

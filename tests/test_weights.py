@@ -26,7 +26,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from pipeline import weights
+from pipeline.model import weights
 from pipeline.errors import UsageError, WeightsError
 from pipeline.model.vgg import build_vgg
 from pipeline.model.weights import (IMAGENET_URLS, TIMEOUT_ENV, URL_BASE_ENV, WeightsInfo, load_model,
