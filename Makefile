@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_WEIGHTS ?= imagenet
 
-.PHONY: venv demo test bench-cpu clean
+.PHONY: venv demo test test-deps bench-cpu clean
 
 venv: $(VENV)/.installed
 
@@ -19,7 +19,17 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/python -m pipeline.demo --weights $(DEMO_WEIGHTS)
 
-test: venv
+# Programs the tests start besides Python: a Java runtime for Spark (tests/test_engines.py) and
+# Azurite, the Azure Storage emulator (tests/test_azure.py). Installed only when missing; apt-get
+# needs root, as CI runs on Debian. man1 must exist for the JRE's postinst on slim images.
+test-deps:
+	@command -v java >/dev/null || { mkdir -p /usr/share/man/man1 && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless; }
+	@command -v npm >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; }
+	@command -v azurite-blob >/dev/null || npm install -g --no-fund --no-audit azurite
+
+test: venv test-deps
 	$(VENV)/bin/python -m pytest -q
 
 bench-cpu: venv  # the CPU-efficiency figure of docs/benchmarks.md: end to end vs the bare model

@@ -106,7 +106,7 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "runtime.max_retries": (3, _int(0)),
     "runtime.shard_timeout_s": (3600.0, _number),
     "runtime.max_shards_in_flight": (None, _optional(_int(1))),
-    "output.fc7_dtype": ("float16", _choice("float16", "float32")),
+    "output.fc7_dtype": ("float32", _choice("float32", "float16")),  # float32: Spark refuses FLOAT16
     "output.top_k": (0, _int(0)),
 }
 

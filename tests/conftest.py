@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,35 @@ def ray_local():
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def require_program(name: str, installed_by: str) -> str:
+    """Path of the program ``name``; skips the test without it, but fails under CI, where
+    ``installed_by`` (a Makefile step) must have installed it: a missing install is a failure."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found (installed by {installed_by})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One small local Spark for the whole session (1 core, 512 MiB driver, no UI): a JVM start
+    costs seconds on 2 cores, so every test that reads with Spark shares it."""
+    require_program("java", "make test-deps")
+    from pyspark.sql import SparkSession
+    session = (SparkSession.builder.master("local[1]").appName("vgg-pipeline-tests")
+               .config("spark.driver.memory", "512m")
+               .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+               .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+               .config("spark.sql.shuffle.partitions", "1")
+               .getOrCreate())
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ def test_defaults_follow_the_design():
     assert cfg["model"]["arch"] == "vgg16" and cfg["model"]["weights"] == "imagenet"
     assert cfg["input"]["shard_size"] == 1000 and cfg["input"]["max_pixels"] == 100_000_000
     assert cfg["runtime"]["max_retries"] == 3 and cfg["runtime"]["shard_timeout_s"] == 3600
-    assert cfg["output"]["fc7_dtype"] == "float16"
+    assert cfg["output"]["fc7_dtype"] == "float32"  # what Spark reads (issue 16)
 
 
 def test_shipped_confs_load_and_default_yaml_lists_every_key():

@@ -22,11 +22,13 @@ def doc_output(ray_local, vgg11_weights, tmp_path_factory):
 
 def test_the_doc_has_snippets_for_every_tool():
     text = "\n".join(SNIPPETS)
-    for tool in ("duckdb", "pandas", "pyarrow.dataset", "faiss", "pipeline.load_embeddings"):
+    for tool in ("duckdb", "pandas", "pyarrow.dataset", "faiss", "pipeline.load_embeddings", "pyspark"):
         assert tool in text
 
 
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
-def test_snippet_runs(snippet, doc_output, monkeypatch):
+def test_snippet_runs(snippet, doc_output, monkeypatch, request):
+    if "pyspark" in snippet:  # its getOrCreate() then finds the session's small shared Spark
+        request.getfixturevalue("spark")
     monkeypatch.chdir(doc_output)
     exec(compile(snippet, str(DOC), "exec"), {})

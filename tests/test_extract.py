@@ -83,7 +83,7 @@ def test_output_layout_metadata_and_success(cli_output):
     meta = json.loads(pq.read_schema(out / "embeddings" / "part-00001.parquet").metadata[b"vgg_pipeline"])
     assert meta["model"]["arch"] == "vgg16" and meta["shard"] == 1
     assert meta["weights"]["name"] == "vgg16-torchvision.pth" and len(meta["weights"]["sha256"]) == 64
-    assert meta["preprocessing"]["crop"] == 224 and meta["dtypes"]["fc7"] == "float16"
+    assert meta["preprocessing"]["crop"] == 224 and meta["dtypes"]["fc7"] == "float32"
     assert "torch" in meta["versions"]
     success = json.loads((out / "_SUCCESS.json").read_text())
     assert success["counts"]["embedded"] == 10 and success["counts"]["errors"] == 0

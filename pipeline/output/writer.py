@@ -30,7 +30,7 @@ def part_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
 
 
-def embeddings_schema(fc7_dtype: str = "float16", top_k: int = 0,
+def embeddings_schema(fc7_dtype: str = "float32", top_k: int = 0,
                       descriptor_dim: Optional[int] = None) -> pa.Schema:
     fields = [
         ("id", pa.string()), ("uri", pa.string()),
