@@ -110,7 +110,8 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "output.top_k": (0, _int(0)),
 }
 
-SECRET_WORDS = ("secret", "token", "password", "passwd", "key", "credential", "auth", "session")
+# "connection_str": an Azure connection string (adlfs connection_string) carries the AccountKey
+SECRET_WORDS = ("secret", "token", "password", "passwd", "key", "credential", "auth", "session", "connection_str")
 
 
 def defaults() -> dict:
