@@ -130,3 +130,16 @@ def test_memory_reports_driver_and_actor_peaks(doc, capsys):
     assert rows["20"][:2] == ["1", "20"] and rows["60"][:2] == ["3", "60"]  # shards, error rows
     assert all(_number(rows[n][3]) > 50 and _number(rows[n][4]) > 50 for n in ("20", "60"))  # MiB
     assert "driver peak 20 -> 60 images" in out and "Peak memory" in doc.read_text()
+
+
+def test_fc7_size_measures_real_part_files(doc, capsys):
+    import fc7_size
+    assert fc7_size.main(["--rows", "40", "--zeros", "0.5,0.9", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["zero_fraction"] for r in results] == [0.5, 0.9]
+    for r in results:
+        assert r["float16_fc7_bytes"] < r["float32_fc7_bytes"] < r["float32_file_bytes"]
+        assert r["float16_file_bytes"] < r["float32_file_bytes"]
+    assert results[1]["float32_fc7_bytes"] < results[0]["float32_fc7_bytes"]  # zstd squeezes zeros
+    assert fc7_size.main(["--rows", "40", "--zeros", "0.75", "--doc"]) == 0
+    assert "| 75% |" in capsys.readouterr().out and "fc7 dtype: part-file size" in doc.read_text()
