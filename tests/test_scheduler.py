@@ -130,7 +130,9 @@ class FakePool:
         actor = self.actors[handle[1]]
         if not actor.started:
             return None
-        return Outcome(error=actor.start_error) if actor.start_error else Outcome(value={"host": f"node{actor.node}"})
+        if actor.start_error:
+            return Outcome(error=actor.start_error)
+        return Outcome(value={"host": f"node{actor.node}"})
 
     def _step(self) -> None:
         if self.node_loss and self.steps == self.node_loss[0]:
@@ -169,7 +171,8 @@ class FakePool:
         actor.alive = False
         for task in actor.tasks:
             task.outcome = Outcome(error=DIED, died=True)
-            self.events.append((kind, actor.id, task.handle, task.shard.index, tuple(task.shard.ids), 0, self.clock()))
+            self.events.append((kind, actor.id, task.handle, task.shard.index, tuple(task.shard.ids), 0,
+                                self.clock()))
         actor.tasks.clear()
 
     def _complete(self, task: FakeTask) -> None:
@@ -182,7 +185,8 @@ class FakePool:
             return
         n = len(shard)
         rows = ShardRows(ids=list(shard.ids), uris=list(shard.uris), widths=[64] * n, heights=[48] * n,
-                         fc7=[np.full((n, 4096), shard.index, np.float32)], logits=[np.zeros((n, 1000), np.float32)])
+                         fc7=[np.full((n, 4096), shard.index, np.float32)],
+                         logits=[np.zeros((n, 1000), np.float32)])
         meta = {"model": {"arch": "fake"}, "shard": shard.index, "shard_digest": shard.digest, "job": JOB}
         emb, err = embeddings_table(rows, self.schema, meta), errors_table([], meta)
         summary = {"shard": shard.index, "rows": n, "errors": 0, "model_s": 0.5}

@@ -10,8 +10,9 @@ and a fake clock).  The rules:
   one ``process`` at a time that is its oldest unfinished shard (Ray runs a single-threaded actor's
   tasks in order); with several at once, every unfinished one.  A lone suspect is charged one
   failed attempt.  Several suspects are charged nothing: each is re-run *alone* (its actor gets no
-  other shard until it finishes), so the next death is attributable.  A shard that was charged
-  runs alone from then on too.  Shards provably not started are re-queued as they were;
+  other shard until it finishes), so the next death is attributable.  A shard charged for a
+  death or a timeout runs alone from then on too.  Shards provably not started are re-queued as
+  they were, uncharged.  (An exception raised by ``process`` is always its own shard's: charged.)
 * **bounded retries, then bisection**: a shard charged more than ``runtime.max_retries`` times is
   split in halves until the image responsible is alone; that image, charged twice, becomes one
   ``stage=model`` error row and the driver writes the shard from its pieces;
@@ -312,11 +313,12 @@ class Scheduler:
                 self._collect(handle, outcome)
         now = self.clock()
         for slot in list(self.slots):
-            stuck = [t for t in slot.tasks if t.running_since is not None and now - t.running_since > self.timeout_s]
+            started = [t for t in slot.tasks if t.running_since is not None]
+            stuck = [t for t in started if now - t.running_since > self.timeout_s]
             if stuck:
                 self.stats["timeouts"] += 1
                 log.warning("actor on %s made no progress on %s for %.0fs; killing it", slot.info.get("host"),
-                            ", ".join(map(repr, (t.work for t in stuck))), now - min(t.running_since for t in stuck))
+                            ", ".join(repr(t.work) for t in stuck), now - min(t.running_since for t in stuck))
                 self._retire(slot, f"no result for {self.timeout_s:g}s", "Timeout", stuck)
         if any(s.ready for s in self.slots):
             self.warned_wait = False
