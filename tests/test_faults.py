@@ -32,7 +32,7 @@ import pytest
 import pipeline
 from pipeline.errors import UsageError
 from pipeline.output.verify import verify
-from pipeline.run.worker import CRASH_ENV, HANG_ENV
+from pipeline.run.worker import CRASH_ENV, HANG_ENV, ShardWorker
 from tests.corpus import small_photo
 
 N_IMAGES = 16
@@ -131,8 +131,11 @@ def parts_written(output: Path) -> int:
 
 # ----------------------------------------------------------------------------- actor death
 
-def test_killed_actor_loses_no_image(ray_local, images, tmp_path):
-    """SIGKILL the actor once it has written a shard: its shards are redone elsewhere, once."""
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_killed_actor_loses_no_image(ray_local, images, tmp_path, monkeypatch, concurrency):
+    """SIGKILL the actor once it has written a shard: its shards are redone elsewhere, once; also
+    with two ``process`` calls running at once in the actor (the driver then keeps two in flight)."""
+    monkeypatch.setattr(ShardWorker, "MAX_CONCURRENCY", concurrency)  # read by the driver's pool
     src, ids = images
     out = tmp_path / "out"
     stale = {p.pid for p in shard_workers(os.getpid())}  # from earlier tests, possibly still exiting
@@ -158,7 +161,8 @@ def test_killed_actor_loses_no_image(ray_local, images, tmp_path):
         thread.join()
     assert killed, "the actor was never seen: nothing was killed"
     run = result["run"]
-    assert run["actor_failures"] >= 1 and run["retries"] >= 1, run
+    # A lone shard in flight is charged a retry; two running at once are both re-run alone, uncharged.
+    assert run["actor_failures"] >= 1 and run["retries"] + run["unattributed_failures"] >= 1, run
     assert run["shards_done"] == len(ids) // 2
     embedded, errors = assert_exactly_once(out, ids)
     assert sorted(embedded) == sorted(ids) and errors == []
@@ -199,8 +203,11 @@ def test_poison_and_stuck_images_become_one_error_row_each(images, tmp_path):
     run = summary(out)["run"]
     # Each bad shard: whole shard twice (max_retries=1), then its bad half twice (one more chance
     # after bisection).  On a very busy machine an innocent shard may also time out: that only
-    # costs it a retry, so the timeout counts are lower bounds.
-    assert run["timeouts"] >= 4 and run["actor_failures"] == run["timeouts"] + 4, run
+    # costs it a retry, so the timeout counts are lower bounds.  With several shards running in
+    # an actor, a death that cannot be pinned on one of them charges none ("unattributed"): they
+    # re-run alone, which costs at most one more death each.
+    assert run["timeouts"] >= 4, run
+    assert 4 <= run["actor_failures"] - run["timeouts"] <= 4 + run["unattributed_failures"], run
     assert run["bisected_shards"] >= 2 and run["retries"] >= 2, run
     for shard in (0, 2):  # a shard assembled by the driver from pieces is a complete part file
         schema = pq.read_schema(out / "embeddings" / f"part-{shard:05d}.parquet")
@@ -279,7 +286,7 @@ def test_lost_worker_node_loses_no_image(images, tmp_path):
     info = json.loads(lines[-1][len("RESULT "):])
     assert info.get("removed") and info["nodes_before"] == 2 and info["nodes_after"] == 1, info
     run = info["run"]
-    assert run["actor_failures"] >= 1 and run["retries"] >= 1, run
+    assert run["actor_failures"] >= 1 and run["retries"] + run["unattributed_failures"] >= 1, run
     embedded, errors = assert_exactly_once(out, ids)
     assert sorted(embedded) == sorted(ids) and errors == []
 

@@ -1,0 +1,96 @@
+"""The scheduler's :class:`~pipeline.run.scheduler.Pool` on Ray: ``ShardWorker`` actors (DESIGN §6)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence
+
+from ..errors import UsageError
+from ..input.plan import Shard
+from .scheduler import Outcome, root_message
+
+log = logging.getLogger(__name__)
+
+# glibc otherwise hands VGG's ~100 MB activation buffers back to the kernel after every batch and
+# faults them in again: keeping them costs ~10 % RSS and gives +25 % CPU img/s (docs/benchmarks.md).
+CPU_ACTOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+
+
+def pool_shape(cfg: dict, ray) -> tuple[int, dict]:
+    """Number of actors and their Ray options: one per GPU, else one per node (DESIGN §6)."""
+    rt = cfg["runtime"]
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if rt["device"] == "cuda" and not gpus and not rt["num_actors"]:
+        # An autoscaling cluster starts with no GPU node: pending GPU actors are what scales it up.
+        raise UsageError("runtime.device=cuda but the cluster has no GPU yet; set runtime.num_actors "
+                         "(how many GPU workers to request) so the autoscaler can add them")
+    if rt["device"] == "cuda" or (gpus and rt["device"] != "cpu"):
+        n = rt["num_actors"] or gpus
+        cpus = rt["cpus_per_actor"] or max(1.0, min(8.0, resources.get("CPU", 1) / max(gpus, 1) - 0.5))
+        return n, {"num_gpus": 1, "num_cpus": cpus}
+    node_cpus = sorted(n["Resources"]["CPU"] for n in nodes) or [resources.get("CPU", 1)]
+    n = rt["num_actors"] or max(1, len(node_cpus))
+    cpus = rt["cpus_per_actor"] or max(1.0, min(node_cpus[0], resources.get("CPU", 1) / n))
+    return n, {"num_gpus": 0, "num_cpus": float(int(cpus)) if cpus >= 1 else cpus}
+
+
+def is_actor_death(exc: BaseException) -> bool:
+    """The actor (or its node) is gone, as opposed to an exception raised by ``process``."""
+    from ray import exceptions as rex
+    # RayActorError covers ActorDiedError (process or node died) and ActorUnavailableError.
+    return isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError,
+                            rex.NodeDiedError, rex.OutOfMemoryError, rex.ActorUnschedulableError))
+
+
+class RayPool:
+    """``ShardWorker`` actors spread over the cluster, never restarted by Ray (the scheduler
+    replaces them), each running ``ShardWorker.MAX_CONCURRENCY`` shards at once."""
+
+    def __init__(self, ray, cfg: dict, output: str, storage_options: Optional[dict], job: dict) -> None:
+        from .worker import ShardWorker
+        self.ray = ray
+        self.size, self.actor_opts = pool_shape(cfg, ray)
+        self.concurrency = ShardWorker.MAX_CONCURRENCY
+        opts = dict(self.actor_opts)
+        if not opts["num_gpus"]:
+            opts["runtime_env"] = {"env_vars": CPU_ACTOR_ENV}
+        self._cls = ray.remote(ShardWorker).options(max_restarts=0, max_task_retries=0,
+                                                    max_concurrency=self.concurrency,
+                                                    scheduling_strategy="SPREAD", **opts)
+        threads = int(self.actor_opts["num_cpus"]) if not self.actor_opts["num_gpus"] else None
+        self._args = (cfg, output, storage_options, threads, job)
+
+    def start(self) -> tuple[Any, Any]:
+        actor = self._cls.remote(*self._args)
+        return actor, actor.ready.remote()
+
+    def submit(self, actor: Any, shard: Shard, write: bool) -> Any:
+        return actor.process.remote(shard, write)
+
+    def wait(self, handles: Sequence[Any], timeout: float) -> list[tuple[Any, Outcome]]:
+        refs = list(handles)
+        if not refs:
+            return []
+        if timeout > 0:
+            first, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
+            if not first:
+                return []
+        ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+        return [(ref, self._outcome(ref)) for ref in ready]
+
+    def _outcome(self, ref: Any) -> Outcome:
+        try:
+            return Outcome(value=self.ray.get(ref))
+        except Exception as exc:  # noqa: BLE001 - every failure is reported, classified
+            return Outcome(error=root_message(exc), died=is_actor_death(exc))
+
+    def kill(self, actor: Any) -> None:
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception as exc:  # noqa: BLE001 - the actor may already be gone with its node
+            log.debug("kill: %s", exc)
+
+    def describe(self) -> str:
+        return f"each worker needs {self.actor_opts}; the cluster has {self.ray.available_resources()} free"
