@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 from pipeline.errors import UsageError
 from pipeline.input import layout
 from pipeline.input.storage import is_local, join, to_uri, url_to_fs
+from pipeline.output.writer import METADATA_KEY
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = b"vgg_pipeline"
 _NORM_BLOCK = 4096  # rows per l2_normalize step: a float64 temporary of <= 128 MiB at d=4096
 
 
