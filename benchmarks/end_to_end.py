@@ -44,6 +44,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from pipeline.input import layout  # noqa: E402
 
 log = logging.getLogger("end_to_end")
 
@@ -66,8 +67,8 @@ def pipeline_overrides(args: argparse.Namespace) -> list[str]:
 
 def commit_times(output: Path) -> list[tuple[float, int]]:
     """(commit wall time, shard index) of every written shard, oldest first."""
-    return sorted((os.stat(p).st_mtime_ns / 1e9, int(p.stem.split("-")[1]))
-                  for p in (output / "embeddings").glob("part-*.parquet"))
+    return sorted((os.stat(p).st_mtime_ns / 1e9, layout.part_number(p.name))
+                  for p in output.glob(layout.embeddings_glob()))
 
 
 def steady_state(output: Path, per_shard: list[dict]) -> tuple[float, float]:
@@ -97,7 +98,7 @@ def run_pipeline(data: Path, args: argparse.Namespace, workdir: Path, env: Optio
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"extract failed ({proc.returncode}): {err[-2000:]}")
-    success = json.loads((out / "_SUCCESS.json").read_text())
+    success = json.loads((out / layout.SUCCESS).read_text())
     run = success["run"]
     rate, per_image = steady_state(out, success["shards"])
     images = success["counts"]["images"]

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import end_to_end  # noqa: E402
+from pipeline.input import layout  # noqa: E402
 
 log = logging.getLogger("memory")
 
@@ -70,7 +71,7 @@ def run_once(n: int, args: argparse.Namespace, workdir: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"extract failed ({proc.returncode}): {err[-2000:]}")
-    success = json.loads((out / "_SUCCESS.json").read_text())
+    success = json.loads((out / layout.SUCCESS).read_text())
     return {"images": n, "error_rows": success["counts"]["errors"], "shards": success["counts"]["shards"],
             "wall_s": wall, "samples": sampler.samples, "driver_peak_mib": sampler.peak("driver"),
             "actor_peak_mib": sampler.peak("actor"), "ray_system_peak_mib": sampler.peak("ray", "sum")}

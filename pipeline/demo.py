@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pipeline
     from pipeline.errors import UsageError
+    from pipeline.input import layout
     from torchvision.models import VGG16_Weights
 
     photos, output = os.path.join(args.dir, "photos"), os.path.join(args.dir, "out")
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
               + "!" * 78)
     categories = VGG16_Weights.IMAGENET1K_V1.meta["categories"]
     import pyarrow.dataset as ds
-    table = ds.dataset(os.path.join(output, "embeddings"), format="parquet").to_table()
+    table = ds.dataset(os.path.join(output, layout.EMBEDDINGS_DIR), format="parquet").to_table()
     print("3. top-5 ImageNet classes per photo:")
     for row in table.select(["id", "width", "height", "logits", "top5"]).to_pylist():
         logits = np.asarray(row["logits"], dtype=np.float32)

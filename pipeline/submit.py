@@ -1,9 +1,10 @@
-"""``vgg-pipeline submit / status / logs``: run ``extract`` on a Ray cluster through the Jobs API.
+"""Run ``extract`` on a Ray cluster through the Jobs API (the commands: :mod:`pipeline.cli.cluster`).
 
     vgg-pipeline submit --address http://HEAD:8265 --conf conf/gpu.yaml -- \\
         extract s3://bucket/images/ s3://bucket/features/ --set runtime.num_actors=8
 
-``submit`` checks the extract arguments locally (same parser and config loader as ``extract``),
+``submit`` checks the extract arguments locally (the CLI parses them with ``extract``'s own
+parser into an :class:`ExtractJob`; the config loader is ``extract``'s too),
 then submits the entrypoint ``python jobs/extract.py [--conf conf/NAME.yaml] INPUT OUTPUT ...``
 with a runtime_env ``working_dir`` that carries the script and the conf file.  By default that
 working dir is a small temporary folder (the package itself comes from the cluster's image);
@@ -25,7 +26,6 @@ is applied by ``JobSubmissionClient`` itself; this module never reads or prints 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -34,12 +34,10 @@ import re
 import shlex
 import shutil
 import socket
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 from urllib.parse import parse_qsl, urlsplit
 
 from .config import is_secret_key
@@ -69,6 +67,21 @@ POLL_S = 2.0
 _EXIT_CODE_RE = re.compile(r"exit code (-?\d+)")
 _SIGNATURE_PARAMS = ("sig", "signature", "x-amz-signature", "x-goog-signature")  # signed URLs
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s,]+")  # also inside KEY=URL and --flag=URL
+
+
+@dataclass
+class ExtractJob:
+    """``extract INPUT OUTPUT [flags]`` to run on the cluster: ``argv`` as given (it becomes the
+    job's entrypoint) and the values :func:`check_job` looks at, parsed by the CLI's extract parser."""
+
+    argv: list[str]
+    input: str
+    output: str
+    weights: Optional[str] = None
+    sets: list[str] = field(default_factory=list)             # --set KEY=VALUE
+    storage_options: list[str] = field(default_factory=list)  # --storage-option KEY=VALUE
+    conf: Optional[str] = None      # a --conf inside the job: refused, submit ships the conf
+    address: Optional[str] = None   # an --address inside the job: refused, it runs on the cluster
 
 
 @dataclass
@@ -149,11 +162,6 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 # ----------------------------------------------------------------------------- the job
 
-def _strip_separator(argv: list[str]) -> list[str]:
-    # argparse.REMAINDER keeps a leading "--" on some Python versions and drops it on others.
-    return argv[1:] if argv[:1] == ["--"] else argv
-
-
 def _credential_in_url(value: str) -> bool:
     try:
         parts = urlsplit(value)
@@ -167,34 +175,28 @@ def _is_local(path: str) -> bool:
     return "://" not in path
 
 
-def check_job_args(command: list[str], conf: Optional[str]) -> argparse.Namespace:
-    """Parse ``extract INPUT OUTPUT [flags]`` like the CLI would and refuse what cannot work
-    on a cluster or would expose a secret; returns the parsed extract arguments."""
-    from .cli import build_parser
+def check_job(job: ExtractJob, conf: Optional[str]) -> None:
+    """Refuse what cannot work on a cluster or would expose a secret (a UsageError)."""
     from .config import load_config
 
-    if not command or command[0] != "extract":
-        raise UsageError("submit runs extract on the cluster: vgg-pipeline submit --address URL "
-                         "[--conf FILE] -- extract INPUT OUTPUT [extract flags]")
-    args = build_parser().parse_args(command)
-    if args.conf:
+    if job.conf:
         raise UsageError("give --conf to submit, before `--`: submit ships that file to the cluster")
-    if args.address:
+    if job.address:
         raise UsageError("--address after `--` is not supported: the job joins the cluster it runs on")
-    for item in args.storage_option:
+    for item in job.storage_options:
         key = item.partition("=")[0]
         if is_secret_key(key):
             raise UsageError(f"--storage-option {key}=... looks like a credential and would be visible "
                              "in the job's entrypoint on the dashboard; give the cluster its own access "
                              "instead (IAM role / instance profile / IRSA, or env vars set on the cluster)")
-    for token in command:
+    for token in job.argv:
         if any(_credential_in_url(m[0]) for m in _URL_RE.finditer(token)):
             raise UsageError("a URL with credentials (user:password@ or a signed query) would be "
                              "visible in the job's entrypoint on the dashboard; give the cluster its "
                              "own access instead (IAM role / instance profile / IRSA)")
     # Bad config keys or values fail here, in a second, rather than on the cluster.
-    cfg = load_config(conf, args.set, {"model.weights": args.weights} if args.weights else None)
-    named = {"INPUT": args.input, "OUTPUT": args.output}
+    cfg = load_config(conf, job.sets, {"model.weights": job.weights} if job.weights else None)
+    named = {"INPUT": job.input, "OUTPUT": job.output}
     weights = cfg["model"]["weights"]  # from --weights, --set or the conf file
     if not (weights == "imagenet" or weights.startswith("random")):
         named["weights"] = weights
@@ -203,7 +205,6 @@ def check_job_args(command: list[str], conf: Optional[str]) -> argparse.Namespac
             raise UsageError(f"{what} {path!r} is a relative local path: the job would resolve it in "
                              "its temporary working dir on the cluster; use a URL (s3://...) or an "
                              "absolute path on a filesystem the cluster shares")
-    return args
 
 
 def _entry_script_text() -> str:
@@ -212,9 +213,9 @@ def _entry_script_text() -> str:
     return _SHIM
 
 
-def build_job(command: list[str], conf: Optional[str], working_dir: Optional[str],
+def build_job(job: ExtractJob, conf: Optional[str], working_dir: Optional[str],
               staging: str) -> JobSpec:
-    """The entrypoint and runtime_env for ``command`` (``["extract", INPUT, OUTPUT, ...]``).
+    """The entrypoint and runtime_env for ``job`` (checked with :func:`check_job` first).
 
     Without ``working_dir`` the job's working dir is built in ``staging`` (an empty folder that
     must outlive the submission): ``jobs/extract.py`` and ``conf/<name>`` only.  With it, that
@@ -224,7 +225,7 @@ def build_job(command: list[str], conf: Optional[str], working_dir: Optional[str
 
     if conf and not os.path.isfile(conf):
         raise UsageError(f"--conf {conf}: no such file")
-    check_job_args(command, conf)
+    check_job(job, conf)
     if working_dir is None:
         root = Path(staging)
         (root / "jobs").mkdir(parents=True, exist_ok=True)
@@ -250,7 +251,7 @@ def build_job(command: list[str], conf: Optional[str], working_dir: Optional[str
             conf_arg = conf_path.relative_to(root).as_posix()
         runtime_env = {"working_dir": str(root), "excludes": list(WORKING_DIR_EXCLUDES)}
     runtime_env["env_vars"] = dict(JOB_ENV_VARS)
-    tokens = ["python", ENTRY_SCRIPT] + (["--conf", conf_arg] if conf_arg else []) + command[1:]
+    tokens = ["python", ENTRY_SCRIPT] + (["--conf", conf_arg] if conf_arg else []) + job.argv[1:]
     metadata = {"tool": "vgg-pipeline", "version": __version__}
     return JobSpec(entrypoint=shlex.join(tokens), runtime_env=runtime_env, metadata=metadata)
 
@@ -266,10 +267,14 @@ def submit_job(client, spec: JobSpec, job_id: Optional[str] = None) -> str:
 
 # ----------------------------------------------------------------------------- following
 
+def job_status(info) -> str:
+    """``PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED`` or ``STOPPED``."""
+    return str(getattr(info.status, "value", info.status))
+
+
 def job_exit_code(info) -> int:
     """0 SUCCEEDED; 2 when the entrypoint exited 2 (usage/config error); else 1."""
-    status = str(getattr(info.status, "value", info.status))
-    if status == "SUCCEEDED":
+    if job_status(info) == "SUCCEEDED":
         return 0
     code = getattr(info, "driver_exit_code", None)
     if code is None and info.message:  # older servers only say it in the message
@@ -278,21 +283,29 @@ def job_exit_code(info) -> int:
     return 2 if code == 2 else 1
 
 
-def _status(client, job_id: str):
+def job_info(client, job_id: str):
+    """The job's ``JobDetails``; an unknown id or an HTTP error is a one-line UsageError."""
     try:
         return client.get_job_info(job_id)
     except Exception as exc:  # noqa: BLE001 - RuntimeError: unknown job or HTTP error
         raise UsageError(f"job {job_id}: {_one_line(exc)}") from None
 
 
-def follow(client, job_id: str, out=None) -> int:
-    """Stream the job's logs to ``out`` until it ends; returns :func:`job_exit_code`."""
-    out = out or sys.stdout
+def job_logs(client, job_id: str) -> str:
+    """The job's log so far."""
+    job_info(client, job_id)  # an unknown id is a one-line error, not an HTTP dump
+    try:
+        return client.get_job_logs(job_id)
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"job {job_id}: {_one_line(exc)}") from None
+
+
+def follow(client, job_id: str, write: Callable[[str], None]) -> int:
+    """Pass the job's log to ``write``, chunk by chunk, until it ends; returns :func:`job_exit_code`."""
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
-            out.write(chunk)
-            out.flush()
+            write(chunk)
 
     try:
         asyncio.run(tail())
@@ -300,117 +313,7 @@ def follow(client, job_id: str, out=None) -> int:
         log.warning("lost the log stream of job %s (%s); waiting for it to finish", job_id,
                     _one_line(exc))
     while True:  # the stream may close a moment before the status is final
-        info = _status(client, job_id)
-        if str(getattr(info.status, "value", info.status)) in TERMINAL:
+        info = job_info(client, job_id)
+        if job_status(info) in TERMINAL:
             return job_exit_code(info)
         time.sleep(POLL_S)
-
-
-def _final_report(job_id: str, info, code: int) -> None:
-    status = str(getattr(info.status, "value", info.status))
-    if code == 0:
-        print(f"vgg-pipeline: job {job_id} {status}", file=sys.stderr)
-        return
-    exit_code = getattr(info, "driver_exit_code", None)
-    detail = f" (entrypoint exit code {exit_code})" if exit_code is not None else ""
-    print(f"vgg-pipeline: job {job_id} {status}{detail}", file=sys.stderr)
-    if exit_code is None and info.message:  # e.g. runtime_env setup failed: no logs explain it
-        print(info.message.rstrip(), file=sys.stderr)
-
-
-def _interrupted(job_id: str, address: str) -> int:
-    print(f"vgg-pipeline: stopped following; job {job_id} keeps running on the cluster "
-          f"(vgg-pipeline logs {job_id} --follow --address {address}; "
-          f"ray job stop {job_id} --address {address})", file=sys.stderr)
-    return 130
-
-
-# ----------------------------------------------------------------------------- commands
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    command = _strip_separator(args.job)
-    address = resolve_address(args.address)
-    with tempfile.TemporaryDirectory(prefix="vgg-pipeline-job-") as staging:
-        spec = build_job(command, args.conf, args.working_dir, staging)
-        client = connect(address)
-        job_id = submit_job(client, spec, args.job_id)  # uploads the working dir
-    log.info("submitted %s: %s", job_id, spec.entrypoint)
-    if args.no_wait:
-        print(job_id)
-        return 0
-    print(f"vgg-pipeline: submitted job {job_id} to {address}; following its logs "
-          "(Ctrl-C stops following, not the job)", file=sys.stderr)
-    try:
-        code = follow(client, job_id)
-    except KeyboardInterrupt:
-        return _interrupted(job_id, address)
-    _final_report(job_id, _status(client, job_id), code)
-    return code
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    client = connect(resolve_address(args.address))
-    info = _status(client, args.job_id)
-    status = str(getattr(info.status, "value", info.status))
-    print(f"{args.job_id}: {status}")
-    if info.message:
-        print(info.message.rstrip())
-    return 1 if status == "FAILED" else 0
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    address = resolve_address(args.address)
-    client = connect(address)
-    if not args.follow:
-        _status(client, args.job_id)  # an unknown id is a one-line error, not an HTTP dump
-        try:
-            sys.stdout.write(client.get_job_logs(args.job_id))
-        except Exception as exc:  # noqa: BLE001
-            raise UsageError(f"job {args.job_id}: {_one_line(exc)}") from None
-        return 0
-    _status(client, args.job_id)
-    try:
-        code = follow(client, args.job_id)
-    except KeyboardInterrupt:
-        return _interrupted(args.job_id, address)
-    _final_report(args.job_id, _status(client, args.job_id), code)
-    return code
-
-
-def _address_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="the Ray dashboard / Jobs API, e.g. http://127.0.0.1:8265 "
-                   "(default: RAY_ADDRESS if it is an http(s) URL)")
-
-
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``submit``, ``status`` and ``logs`` to the CLI (each sets ``handler``)."""
-    p = subparsers.add_parser(
-        "submit", help="run extract on a Ray cluster through its Jobs API",
-        description="Submit `extract INPUT OUTPUT [flags]` as a Ray job: runs `python jobs/extract.py "
-        "[--conf conf/NAME.yaml] INPUT OUTPUT [flags]` on the cluster, follows its logs and exits "
-        "like the job (0 succeeded, 1 failed or stopped, 2 usage error). INPUT and OUTPUT are read "
-        "and written by the cluster: use URLs (s3://...) or absolute shared paths.",
-        epilog="example: vgg-pipeline submit --address http://127.0.0.1:8265 --conf conf/gpu.yaml -- "
-        "extract s3://in/images/ s3://out/vgg16/ --set runtime.num_actors=8")
-    _address_arg(p)
-    p.add_argument("--conf", help="YAML config, shipped with the job as conf/NAME.yaml")
-    p.add_argument("--working-dir", metavar="DIR", help="ship this checkout (with jobs/extract.py and "
-                   "pipeline/) as the job's working dir, instead of only the script and the conf; "
-                   "its pipeline/ then replaces the cluster's installed package")
-    p.add_argument("--job-id", help="submission id (default: generated by Ray); must be new")
-    p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
-    p.add_argument("job", nargs=argparse.REMAINDER, metavar="-- extract INPUT OUTPUT ...",
-                   help="the extract command to run on the cluster")
-    p.set_defaults(handler=cmd_submit)
-
-    p = subparsers.add_parser("status", help="status of a submitted job (exit 1 if it failed)")
-    p.add_argument("job_id", metavar="JOB_ID")
-    _address_arg(p)
-    p.set_defaults(handler=cmd_status)
-
-    p = subparsers.add_parser("logs", help="logs of a submitted job")
-    p.add_argument("job_id", metavar="JOB_ID")
-    _address_arg(p)
-    p.add_argument("--follow", "-f", action="store_true",
-                   help="stream until the job ends, then exit like submit does")
-    p.set_defaults(handler=cmd_logs)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model.vgg import build_vgg, init_weights
+from tests.helpers import save_weights
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home-tests-never-download")
@@ -84,27 +84,6 @@ def photo_dir(tmp_path_factory) -> Path:
     return root
 
 
-def save_weights(arch: str, path: Path, seed: int = 0) -> Path:
-    model = build_vgg(arch)
-    init_weights(model, seed)
-    torch.save(model.state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def vgg11_weights(tmp_path_factory) -> Path:
     return save_weights("vgg11", tmp_path_factory.mktemp("weights") / "vgg11.pth")
-
-
-def extract_thumbnails(root: Path, n: int, weights: Path, side: int = 320, **overrides) -> tuple[Path, Path]:
-    """``n`` real photos as JPEG thumbnails in ``root/photos``, extracted with vgg11 into ``root/out``."""
-    import pipeline
-    from tests.corpus import sample_photos
-    photos = root / "photos"
-    photos.mkdir()
-    for name, img in sample_photos()[:n]:
-        img.thumbnail((side, side))
-        img.save(photos / f"{name}.jpg", quality=90)
-    pipeline.extract(str(photos), str(root / "out"), weights=str(weights), model={"arch": "vgg11"},
-                     **overrides)
-    return photos, root / "out"

@@ -393,3 +393,10 @@ def write_sidecars(root: Path) -> list[str]:
     for rel, data in files.items():
         _write(root, rel, data)
     return list(files)
+
+
+# What a listing of write_sidecars' files counts as skipped, by reason.
+SIDECAR_SKIPS = {
+    "extension:.json": 2, "extension:.txt": 1, "extension:(none)": 1, "extension:.db": 1,
+    "extension:.mp4": 1, "hidden": 3, "hidden-dir": 1,
+}

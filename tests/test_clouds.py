@@ -6,7 +6,6 @@ CLI printed and no Ray log.  (S3 has its own, larger module: tests/test_s3.py.)"
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import extract_thumbnails
+from tests.helpers import extract_thumbnails
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "search.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)

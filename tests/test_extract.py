@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -53,7 +52,7 @@ def test_cli_matches_torchvision_vgg16(photo_dir, vgg16_torchvision, cli_output)
     assert "10 embedded, 0 errors" in res.stdout
     table = pq.read_table(out / "embeddings")
     assert table.num_rows == 10
-    assert table.schema.field("fc7").type.value_type == "halffloat"
+    assert table.schema.field("fc7").type.value_type == "float"  # float32 by default: Spark reads it
     expected_ids = sorted(p.relative_to(photo_dir).as_posix() for p in photo_dir.rglob("*") if p.is_file())
     assert table.column("id").to_pylist() == expected_ids  # sorted listing, one row each, in order
     rows = table.to_pylist()

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -31,102 +30,17 @@ import pytest
 
 import pipeline
 from pipeline.errors import UsageError
-from pipeline.output.verify import verify
 from pipeline.run.worker import CRASH_ENV, HANG_ENV, ShardWorker
-from tests.corpus import small_photo
+from tests.helpers import (SMALL, GatedServer, assert_exactly_once, cli_env, manifest, parts_written, run_cli,
+                           shard_workers, small_flags, summary, write_images)
 
 N_IMAGES = 16
-SMALL = {"model": {"arch": "vgg11"}, "runtime": {"batch_size": 2}, "input__shard_size": 2}
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def write_images(root: Path, n: int = N_IMAGES) -> list[str]:
-    """``n`` real photos as 64x64 PNGs (preprocessing resizes to 224 anyway); returns their ids."""
-    root.mkdir(parents=True, exist_ok=True)
-    ids = []
-    for i in range(n):
-        name = f"img{i:03d}.png"
-        small_photo(i).resize((64, 64)).save(root / name)
-        ids.append(name)
-    return ids
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("fault-images")
-    return root, write_images(root)
-
-
-def rows(output: Path) -> tuple[list[str], list[dict]]:
-    """Embedded ids and error rows of an output."""
-    ids = [i for f in sorted((output / "embeddings").glob("part-*.parquet"))
-           for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
-    errors = [r for f in sorted((output / "errors").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()]
-    return ids, errors
-
-
-def assert_exactly_once(output: Path, expected: list[str], errors: int = 0) -> tuple[list[str], list[dict]]:
-    report = verify(str(output))
-    assert report.ok, report.problems
-    assert (report.images, report.embedded, report.errors) == (len(expected), len(expected) - errors, errors)
-    embedded, error_rows = rows(output)
-    counts = Counter(embedded) + Counter(r["id"] for r in error_rows)
-    assert counts == Counter(expected)  # every image exactly once, in one of the two
-    assert not [n for d in ("embeddings", "errors") if (output / d).exists()
-                for n in os.listdir(output / d) if n.startswith(".")], "temporary files left behind"
-    return embedded, error_rows
-
-
-def cli_command(*args: str) -> list[str]:
-    script = Path(sys.executable).with_name("vgg-pipeline")
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
-    return head + ["extract", *args, "--no-progress"]
-
-
-def cli_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always a private local Ray
-    env.update(RAY_USAGE_STATS_ENABLED="0", **extra)
-    return env
-
-
-def run_cli(args: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command(*args), env=cli_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def small_flags(*extra: str) -> list[str]:
-    """vgg11, random weights, 2-image shards; ``extra`` are more ``--set`` overrides."""
-    sets = ["model.arch=vgg11", "input.shard_size=2", "runtime.batch_size=2", "runtime.num_actors=1", *extra]
-    flags = ["--weights", "random:0"]
-    for kv in sets:  # a later --set of the same key wins
-        flags += ["--set", kv]
-    return flags
-
-
-def summary(output: Path) -> dict:
-    return json.loads((output / "_SUCCESS.json").read_text())
-
-
-def shard_workers(root_pid: int, busy: bool = False) -> list[psutil.Process]:
-    """Live ShardWorker actor processes under ``root_pid``: Ray titles them ``ray::ShardWorker``,
-    and ``ray::ShardWorker.process`` while they run a shard (``busy``)."""
-    title = "ray::ShardWorker.process" if busy else "ray::ShardWorker"
-    found = []
-    for proc in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if title in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-def parts_written(output: Path) -> int:
-    try:
-        return sum(n.startswith("part-") for n in os.listdir(output / "embeddings"))
-    except FileNotFoundError:
-        return 0
+    return root, write_images(root, N_IMAGES)
 
 
 # ----------------------------------------------------------------------------- actor death
@@ -134,31 +48,37 @@ def parts_written(output: Path) -> int:
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_killed_actor_loses_no_image(ray_local, images, tmp_path, monkeypatch, concurrency):
     """SIGKILL the actor once it has written a shard: its shards are redone elsewhere, once; also
-    with two ``process`` calls running at once in the actor (the driver then keeps two in flight)."""
+    with two ``process`` calls running at once in the actor (the driver then keeps two in flight).
+
+    The images come from a local web server that holds the second shard's first image until the
+    kill, so the job cannot finish before the actor is killed, however fast the machine is."""
     monkeypatch.setattr(ShardWorker, "MAX_CONCURRENCY", concurrency)  # read by the driver's pool
-    src, ids = images
+    src, names = images
     out = tmp_path / "out"
     stale = {p.pid for p in shard_workers(os.getpid())}  # from earlier tests, possibly still exiting
     killed: list[int] = []
     stop = threading.Event()
+    with GatedServer(src, gated={names[2]}) as server:
+        ids = [f"{server.url}/{n}" for n in names]
+        listing = manifest(tmp_path / "images.txt", ids)
 
-    def killer() -> None:
-        deadline = time.monotonic() + 120
-        while not stop.is_set() and time.monotonic() < deadline:
-            fresh = [p for p in shard_workers(os.getpid(), busy=True) if p.pid not in stale]
-            if fresh and parts_written(out) >= 1:
-                os.kill(fresh[0].pid, signal.SIGKILL)
-                killed.append(fresh[0].pid)
-                return
-            time.sleep(0.02)
+        def killer() -> None:
+            while not stop.is_set():
+                fresh = [p for p in shard_workers(os.getpid(), busy=True) if p.pid not in stale]
+                if fresh and parts_written(out) >= 1:  # shard 0 written, shard 1 held by the server
+                    os.kill(fresh[0].pid, signal.SIGKILL)
+                    killed.append(fresh[0].pid)
+                    break
+                time.sleep(0.02)
+            server.release()
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    try:
-        result = pipeline.extract(str(src), str(out), weights="random:0", runtime__num_actors=1, **SMALL)
-    finally:
-        stop.set()
-        thread.join()
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        try:
+            result = pipeline.extract(str(listing), str(out), weights="random:0", runtime__num_actors=1, **SMALL)
+        finally:
+            stop.set()
+            thread.join()
     assert killed, "the actor was never seen: nothing was killed"
     run = result["run"]
     # A lone shard in flight is charged a retry; two running at once are both re-run alone, uncharged.
@@ -218,12 +138,12 @@ def test_poison_and_stuck_images_become_one_error_row_each(images, tmp_path):
 # ----------------------------------------------------------------------------- node loss
 
 NODE_LOSS_SCRIPT = r'''
-import json, os, sys, threading, time
+import json, os, sys, threading, time, urllib.request
 import psutil
 import ray
 from ray.cluster_utils import Cluster
 
-src, out = sys.argv[1], sys.argv[2]
+src, out, release_url = sys.argv[1], sys.argv[2], sys.argv[3]
 # Fast failure detection: a dead raylet is declared dead after ~2 s instead of ~30 s.
 system = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "health_check_failure_threshold": 4}
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
@@ -247,15 +167,17 @@ try:
         return False
 
     def remove_worker_node():
-        deadline = time.monotonic() + 180
         emb = os.path.join(out, "embeddings")
-        while time.monotonic() < deadline:
-            written = os.path.isdir(emb) and any(n.startswith("part-") for n in os.listdir(emb))
-            if written and busy_on_worker_node():  # the node's actor holds shards right now
-                cluster.remove_node(worker, allow_graceful=False)  # like a machine that vanishes
-                info["removed"] = True
-                return
-            time.sleep(0.02)
+        try:
+            while True:  # the job cannot end before the images are released below
+                written = os.path.isdir(emb) and any(n.startswith("part-") for n in os.listdir(emb))
+                if written and busy_on_worker_node():  # the node's actor holds shards right now
+                    cluster.remove_node(worker, allow_graceful=False)  # like a machine that vanishes
+                    info["removed"] = True
+                    return
+                time.sleep(0.02)
+        finally:
+            urllib.request.urlopen(release_url).close()
 
     info["nodes_before"] = sum(n["Alive"] for n in ray.nodes())
     threading.Thread(target=remove_worker_node, daemon=True).start()
@@ -274,13 +196,19 @@ print("RESULT " + json.dumps(info))
 def test_lost_worker_node_loses_no_image(images, tmp_path):
     """Two nodes, one actor each; the worker node dies mid-job.  Its replacement actor cannot be
     placed anywhere (the head's only CPU is taken), so the job must finish on the head's actor and
-    not wait for the pending one."""
-    src, ids = images
+    not wait for the pending one.  The images come from a local web server that holds the first
+    image of every shard but the first until the node is gone: both actors are then stuck in a
+    shard, so the job cannot finish before the node is removed with shards on it."""
+    src, names = images
     out = tmp_path / "out"
     script = tmp_path / "node_loss.py"
     script.write_text(NODE_LOSS_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(src), str(out)], env=cli_env(),
-                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    with GatedServer(src, gated=set(names[2::2])) as server:
+        ids = [f"{server.url}/{n}" for n in names]
+        listing = manifest(tmp_path / "images.txt", ids)
+        proc = subprocess.run([sys.executable, str(script), str(listing), str(out), f"{server.url}/_release"],
+                              env=cli_env(), capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).parents[1])
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     info = json.loads(lines[-1][len("RESULT "):])
@@ -295,23 +223,30 @@ def test_lost_worker_node_loses_no_image(images, tmp_path):
 
 def test_jobs_entrypoint_joins_the_cluster_in_ray_address(ray_local, tmp_path):
     """``jobs/extract.py`` (what ``ray job submit`` runs) is ``vgg-pipeline extract``, and with
-    RAY_ADDRESS set, as Ray Jobs sets it, its actors run on that cluster: here the session's."""
+    RAY_ADDRESS set, as Ray Jobs sets it, its actors run on that cluster: here the session's.
+    The second shard's first image is held by a local web server until the actor has been seen,
+    so the job cannot finish unseen."""
     src = tmp_path / "src"
-    ids = write_images(src, 4)
+    names = write_images(src, 4)
     out = tmp_path / "out"
     entry = Path(__file__).parents[1] / "jobs" / "extract.py"
     env = cli_env(RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     seen: set[int] = set()
-    proc = subprocess.Popen([sys.executable, str(entry), str(src), str(out), *small_flags()], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    while proc.poll() is None:  # the actor is a process of *this* test's Ray, not of a private one
-        try:
-            private = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            break
-        seen.update(p.pid for p in shard_workers(os.getpid()) if p.pid not in private)
-        time.sleep(0.05)
-    stdout, stderr = proc.communicate()
+    with GatedServer(src, gated={names[2]}) as server:
+        ids = [f"{server.url}/{n}" for n in names]
+        listing = manifest(tmp_path / "images.txt", ids)
+        proc = subprocess.Popen([sys.executable, str(entry), str(listing), str(out), *small_flags()], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        while proc.poll() is None:  # the actor is a process of *this* test's Ray, not of a private one
+            try:
+                private = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                break
+            seen.update(p.pid for p in shard_workers(os.getpid()) if p.pid not in private)
+            if seen:
+                server.release()
+            time.sleep(0.05)
+        stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr[-3000:]
     assert seen, "no actor ran on the cluster named by RAY_ADDRESS"
     assert stdout.startswith(f"done: {len(ids)} images")

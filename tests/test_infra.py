@@ -22,16 +22,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers import CLUSTER_DOC, INFRA_README, shell_commands
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 CLUSTER_YAML = ROOT / "infra" / "ray" / "cluster.yaml"
 RAYJOB_YAML = ROOT / "infra" / "k8s" / "rayjob.yaml"
-CLUSTER_DOC = ROOT / "docs" / "cluster.md"
-INFRA_README = ROOT / "infra" / "README.md"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
-# Shell variables the docs define, with the placeholder values the infra files use.
-DOC_VARS = {"$IN_BUCKET": "my-input-bucket", "$OUT_BUCKET": "my-output-bucket"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,22 +76,6 @@ def _rayjob() -> dict:
 def _gpu_worker_types(cfg: dict) -> dict[str, dict]:
     return {name: nt for name, nt in cfg["available_node_types"].items()
             if name != cfg["head_node_type"] and nt.get("resources", {}).get("GPU", 0) > 0}
-
-
-def _shell_commands(markdown: str) -> list[list[str]]:
-    """Every command of the ```bash blocks, continuation lines joined, split like a shell would."""
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
-        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-            for var, value in DOC_VARS.items():
-                line = line.replace(var, value)
-            try:
-                tokens = shlex.split(line, comments=True)
-            except ValueError:  # a line of a heredoc (JSON policy), not a command
-                continue
-            if tokens:
-                commands.append(tokens)
-    return commands
 
 
 def _effective_config(conf: str, overrides: list[str], monkeypatch) -> dict:
@@ -286,7 +268,7 @@ def test_cluster_doc_commands_fit_the_cluster(monkeypatch):
     cpus_per_gpu = gpu_type["resources"]["CPU"] / gpu_type["resources"]["GPU"]
     max_gpus = min(gpu_type["max_workers"], raw["max_workers"]) * gpu_type["resources"]["GPU"]
 
-    submits = [c for doc in (CLUSTER_DOC, INFRA_README) for c in _shell_commands(doc.read_text())
+    submits = [c for doc in (CLUSTER_DOC, INFRA_README) for c in shell_commands(doc.read_text())
                if c[:2] == ["vgg-pipeline", "submit"]]
     assert len(submits) >= 3
     for cmd in submits:
@@ -385,7 +367,7 @@ def test_docs_name_the_same_image_conf_and_placeholders():
         assert (ROOT / conf).is_file(), f"docs/cluster.md mentions missing {conf}"
 
     # The docs' sed commands must hit placeholders that really are in the files they edit.
-    seds = [c for c in _shell_commands(doc) if c[0] == "sed"]
+    seds = [c for c in shell_commands(doc) if c[0] == "sed"]
     for target in (CLUSTER_YAML, RAYJOB_YAML):
         rel = str(target.relative_to(ROOT))
         (cmd,) = [c for c in seds if rel in c]

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.output.verify import verify
-from tests.test_faults import cli_env
+from tests.helpers import cli_env
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import save_weights
+from tests.helpers import save_weights
 from tests.corpus import small_photo
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "retrieval.py"

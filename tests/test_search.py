@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.retrieval.search import search
-from tests.conftest import extract_thumbnails
+from tests.helpers import extract_thumbnails
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,14 @@
-"""Input listing and planning (DESIGN §3): folders, globs, manifests, tar shards, memory://,
-http(s)://, duplicate ids, the streaming plan, and retried storage reads."""
+"""Input listing (DESIGN §3): folders, globs, manifests, tar shards, memory:// and http(s)://, and
+the shard reader's error rows.  The plan is tests/test_plan.py's, storage retries tests/test_storage.py's."""
 
 from __future__ import annotations
 
 import functools
 import http.server
 import io
-import json
 import os
 import tarfile
 import threading
-import time
 from pathlib import Path
 
 import fsspec
@@ -18,20 +16,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.input import plan as plan_mod
 from pipeline.config import IMAGE_EXTENSIONS, load_config
 from pipeline.errors import UsageError
-from pipeline.input.plan import build_plan, iter_shards, read_meta
+from pipeline.input.plan import build_plan
 from pipeline.decode.preprocess import Decoded
 from pipeline.input.reader import Failed, read_shard
 from pipeline.input.sources import ListingStats, input_kind, list_input, read_tar_members
-from pipeline.input.storage import FileSystems, with_retries
-from tests.corpus import encode, small_photo, write_good_corpus, write_sidecars
+from pipeline.input.storage import FileSystems
+from tests.corpus import SIDECAR_SKIPS, encode, small_photo, write_good_corpus, write_sidecars
 
-EXPECTED_SIDECAR_SKIPS = {
-    "extension:.json": 2, "extension:.txt": 1, "extension:(none)": 1, "extension:.db": 1,
-    "extension:.mp4": 1, "hidden": 3, "hidden-dir": 1,
-}
 
 
 def listing(url: str, **kw) -> tuple[list[tuple[str, str]], ListingStats]:
@@ -77,7 +70,7 @@ def test_folder_walk_is_sorted_recursive_and_skips_sidecars_and_hidden_entries(c
     assert sorted(ids) == sorted(good)  # every image (upper-case, unicode, spaces), no sidecar
     assert ids == [r for r in reference_walk(root) if r in good]  # deterministic sorted walk
     assert stats.kind == "folder" and stats.listed == len(good)
-    assert stats.skipped == EXPECTED_SIDECAR_SKIPS
+    assert stats.skipped == SIDECAR_SKIPS
     for i, uri in items:  # uri: absolute local path, no file://, no percent-encoding
         assert uri == str(root / i) and os.path.isabs(uri) and Path(uri).is_file()
     assert "upper/PHOTO.JPG" in ids and "日本/写真 1.png" in ids and "café photo.jpg" in ids
@@ -298,120 +291,6 @@ def test_http_manifest_with_relative_and_absolute_urls(http_root):
     assert results[2].error.error_type == "FileNotFoundError"  # a 404 is permanent: one row, no retry
 
 
-# -- the plan ----------------------------------------------------------------------------------
-
-def test_manifest_duplicate_ids_are_flagged_after_their_first_copy(tmp_path):
-    lines = ["a.jpg", "b.jpg", "a.jpg", "c.jpg", "b.jpg", "a.jpg", "d.jpg"]
-    (tmp_path / "m.txt").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out"
-    shards = list(build_plan(str(tmp_path / "m.txt"), str(out), cfg(3), "fp"))
-    assert [s.ids for s in shards] == [lines[0:3], lines[3:6], lines[6:7]]
-    assert [d for s in shards for d in s.duplicate] == [False, False, True, False, True, True, False]
-    meta = read_meta(str(out))
-    assert meta["num_duplicates"] == 3 and meta["num_items"] == 7 and meta["num_shards"] == 3
-    assert meta["kind"] == "manifest" and meta["fingerprint"] == "fp"
-    again = list(iter_shards(str(out)))
-    assert [(s.index, s.ids, s.uris, s.duplicate) for s in again] == \
-        [(s.index, s.ids, s.uris, s.duplicate) for s in shards]
-    assert [s.index for s in iter_shards(str(out), skip={1})] == [0, 2]
-
-
-def test_duplicates_are_found_across_hash_buckets_and_plan_parts(tmp_path, monkeypatch):
-    monkeypatch.setattr(plan_mod, "PART_ROWS", 7)
-    monkeypatch.setattr(plan_mod, "GROUP_ROWS", 3)
-    monkeypatch.setattr(plan_mod, "ID_BUCKETS", 4)
-    monkeypatch.setattr(plan_mod, "DEDUP_GROUP_ROWS", 10)  # several DuckDB passes, a few buckets each
-    ids = [f"img{i:03d}.jpg" for i in range(40)]
-    rows = ids + ids[::3] + ["img000.jpg"]  # 14 + 1 later copies
-    pq.write_table(pa.table({"uri": [f"/data/{i}" for i in rows], "id": rows}), tmp_path / "m.parquet")
-    out = tmp_path / "out"
-    shards = list(build_plan(str(tmp_path / "m.parquet"), str(out), cfg(5), "fp"))
-    flags = [d for s in shards for d in s.duplicate]
-    assert flags == [False] * 40 + [True] * 15
-    assert [i for s in shards for i in s.ids] == rows
-    meta = read_meta(str(out))
-    assert meta["num_duplicates"] == 15 and len(meta["parts"]) == 8  # 55 rows / 7 per part
-    assert [d for s in iter_shards(str(out)) for d in s.duplicate] == flags
-
-
-def test_folder_plan_streams_first_shard_before_the_listing_ends(tmp_path, monkeypatch):
-    root = tmp_path / "imgs"
-    for i in range(30):
-        (root / f"d{i // 10}").mkdir(parents=True, exist_ok=True)
-        (root / f"d{i // 10}" / f"{i:03d}.jpg").write_bytes(b"x")
-    pulled = []
-    real = plan_mod.list_input
-
-    def counting(*args, **kwargs):
-        for item in real(*args, **kwargs):
-            pulled.append(item[0])
-            yield item
-    monkeypatch.setattr(plan_mod, "list_input", counting)
-    out = tmp_path / "out"
-    gen = build_plan(str(root), str(out), cfg(4), "fp")
-    first = next(gen)
-    assert first.ids == ["d0/000.jpg", "d0/001.jpg", "d0/002.jpg", "d0/003.jpg"]
-    assert len(pulled) == 4  # the listing has only reached the first shard's images
-    assert read_meta(str(out)) is None  # the plan is not complete yet: no _meta.json
-    rest = list(gen)
-    assert len(pulled) == 30 and [s.index for s in rest] == list(range(1, 8))
-    meta = read_meta(str(out))
-    assert meta["num_items"] == 30 and meta["num_shards"] == 8 and meta["kind"] == "folder"
-    assert [s.ids for s in iter_shards(str(out))] == [first.ids] + [s.ids for s in rest]
-
-
-def test_plan_records_skipped_counts_and_replaces_an_old_plan(tmp_path, corpus):
-    root, good = corpus
-    out = tmp_path / "out"
-    (out / "_plan").mkdir(parents=True)
-    (out / "_plan" / "part-00099.parquet").write_bytes(b"stale")
-    shards = list(build_plan(str(root), str(out), cfg(10), "fp"))
-    assert sum(len(s) for s in shards) == len(good)
-    meta = json.loads((out / "_plan" / "_meta.json").read_text())
-    assert meta["skipped"] == EXPECTED_SIDECAR_SKIPS
-    assert sorted(os.listdir(out / "_plan")) == ["_meta.json"] + meta["parts"]
-
-
-# -- retries -----------------------------------------------------------------------------------
-
-def test_with_retries_retries_transient_errors_with_backoff():
-    calls = []
-
-    def flaky():
-        calls.append(time.perf_counter())
-        if len(calls) < 3:
-            raise OSError("503 SlowDown: please reduce your request rate")
-        return b"data"
-    t0 = time.perf_counter()
-    assert with_retries(flaky, "s3://b/k", base_delay=0.01) == b"data"
-    assert len(calls) == 3
-    gaps = [b - a for a, b in zip(calls, calls[1:])]
-    assert gaps[0] >= 0.01 and gaps[1] >= 0.04  # exponential backoff: 0.01, then 0.04
-    assert time.perf_counter() - t0 < 2
-
-    resets = []
-
-    def reset():
-        resets.append(1)
-        raise ConnectionResetError("connection reset by peer")
-    with pytest.raises(ConnectionResetError):
-        with_retries(reset, "x", attempts=3, base_delay=0.001)
-    assert len(resets) == 3  # retried, then given up: the caller makes it an error row
-
-
-@pytest.mark.parametrize("exc", [FileNotFoundError("nope"), PermissionError("denied"),
-                                 OSError("403 Forbidden"), OSError("AccessDenied"), OSError("404 NoSuchKey")])
-def test_with_retries_raises_permanent_errors_at_once(exc):
-    calls = []
-
-    def fail():
-        calls.append(1)
-        raise exc
-    with pytest.raises(type(exc)):
-        with_retries(fail, "x", base_delay=1.0)
-    assert calls == [1]
-
-
 def test_read_errors_become_read_error_rows(tmp_path):
     (tmp_path / "ok.jpg").write_bytes(jpeg_bytes(0))
     big = encode(small_photo(0), "PNG")
@@ -424,45 +303,3 @@ def test_read_errors_become_read_error_rows(tmp_path):
     assert isinstance(results[0], Decoded)
     assert (results[1].error.stage, results[1].error.error_type) == ("read", "FileNotFoundError")
     assert (results[2].error.stage, results[2].error.error_type) == ("read", "TooLarge")
-
-
-def test_empty_manifest_and_empty_folder_plan_no_shards(tmp_path):
-    (tmp_path / "m.txt").write_text("# nothing yet\n\n")
-    (tmp_path / "empty").mkdir()
-    for src in (tmp_path / "m.txt", tmp_path / "empty"):
-        out = tmp_path / f"out-{src.name}"
-        assert list(build_plan(str(src), str(out), cfg(4), "fp")) == []
-        meta = read_meta(str(out))
-        assert (meta["num_items"], meta["num_shards"], meta["parts"]) == (0, 0, [])
-
-
-def test_http_status_errors_are_classified_by_status():
-    aiohttp = pytest.importorskip("aiohttp")
-
-    from multidict import CIMultiDict, CIMultiDictProxy
-    from yarl import URL
-
-    def status_error(status: int) -> Exception:
-        url = URL("http://h/x")
-        info = aiohttp.RequestInfo(url, "GET", CIMultiDictProxy(CIMultiDict()), url)
-        return aiohttp.ClientResponseError(info, (), status=status, message="x")
-    calls = []
-
-    def throttled():
-        calls.append(1)
-        if len(calls) == 1:
-            raise status_error(503)
-        if len(calls) == 2:
-            raise aiohttp.ServerDisconnectedError()
-        return 1
-    assert with_retries(throttled, "http://h/x", base_delay=0.001) == 1 and len(calls) == 3
-    denied = []
-
-    def forbidden():
-        denied.append(1)
-        raise status_error(403)
-    with pytest.raises(aiohttp.ClientResponseError):
-        with_retries(forbidden, "http://h/x", base_delay=1.0)
-    assert denied == [1]
-    with pytest.raises(ValueError):  # not a storage error: never retried
-        with_retries(lambda: int("x"), "x", base_delay=1.0)

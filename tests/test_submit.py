@@ -1,4 +1,4 @@
-"""``vgg-pipeline submit / status / logs`` (pipeline/submit.py).
+"""``vgg-pipeline submit / status / logs`` (pipeline/submit.py, pipeline/cli/cluster.py).
 
 The argument checks run in-process and need no cluster.  The rest runs against a real Ray
 cluster started here with ``ray start``: a head (with the dashboard and Jobs API, on 127.0.0.1)
@@ -29,6 +29,7 @@ import requests
 
 from pipeline import submit
 from pipeline.cli import build_parser, main
+from pipeline.cli import cluster as cli_cluster
 from pipeline.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,14 +127,27 @@ def test_parser_takes_the_job_with_or_without_separator():
     with_sep = parser.parse_args(["submit", "--address", "http://h:8265", "--no-wait", "--",
                                   "extract", "/a", "/b", "--set", "x=1", "--no-wait"])
     without = parser.parse_args(["submit", "--address", "http://h:8265", "extract", "/a", "/b"])
-    assert submit._strip_separator(with_sep.job) == ["extract", "/a", "/b", "--set", "x=1", "--no-wait"]
+    assert cli_cluster.strip_separator(with_sep.job) == ["extract", "/a", "/b", "--set", "x=1", "--no-wait"]
     assert with_sep.no_wait is True
-    assert submit._strip_separator(without.job) == ["extract", "/a", "/b"]
-    assert with_sep.handler is submit.cmd_submit
+    assert cli_cluster.strip_separator(without.job) == ["extract", "/a", "/b"]
+    assert with_sep.handler is cli_cluster.cmd_submit
     status = parser.parse_args(["status", "raysubmit_1", "--address", "http://h:8265"])
     logs = parser.parse_args(["logs", "raysubmit_1", "-f"])
-    assert (status.handler, status.job_id) == (submit.cmd_status, "raysubmit_1")
-    assert (logs.handler, logs.follow) == (submit.cmd_logs, True)
+    assert (status.handler, status.job_id) == (cli_cluster.cmd_status, "raysubmit_1")
+    assert (logs.handler, logs.follow) == (cli_cluster.cmd_logs, True)
+
+
+def test_the_job_is_parsed_by_extracts_own_parser():
+    job = cli_cluster.extract_job(["extract", "s3://in/", "/out", "--weights", "random:0", "--set", "a.b=1",
+                               "--storage-option", "anon=true"])
+    assert job == submit.ExtractJob(argv=["extract", "s3://in/", "/out", "--weights", "random:0", "--set",
+                                          "a.b=1", "--storage-option", "anon=true"],
+                                    input="s3://in/", output="/out", weights="random:0", sets=["a.b=1"],
+                                    storage_options=["anon=true"])
+    with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
+        cli_cluster.extract_job(["extract", "/in", "/out", "--bogus"])
+    with pytest.raises(UsageError, match="submit runs extract on the cluster"):
+        cli_cluster.extract_job(["verify", "/out"])
 
 
 def test_default_working_dir_holds_only_the_script_and_the_conf(tmp_path, monkeypatch):
@@ -142,8 +156,8 @@ def test_default_working_dir_holds_only_the_script_and_the_conf(tmp_path, monkey
     staging = tmp_path / "staging"
     staging.mkdir()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", NEVER_SHIPPED)
-    spec = submit.build_job(["extract", "s3://in/", "/shared/out", "--set", "input.shard_size=2"],
-                            str(conf), None, str(staging))
+    spec = submit.build_job(cli_cluster.extract_job(["extract", "s3://in/", "/shared/out", "--set",
+                                                 "input.shard_size=2"]), str(conf), None, str(staging))
     assert spec.entrypoint == ("python jobs/extract.py --conf conf/tiny.yaml s3://in/ /shared/out "
                                "--set input.shard_size=2")
     assert spec.runtime_env == {"working_dir": str(staging), "env_vars": {"PYTHONUNBUFFERED": "1"}}
@@ -157,7 +171,7 @@ def test_default_working_dir_holds_only_the_script_and_the_conf(tmp_path, monkey
 def test_pip_installed_package_ships_an_equivalent_script(tmp_path, monkeypatch):
     """Without a checkout next to the package, the script is written from the package."""
     monkeypatch.setattr(submit, "_CHECKOUT_SCRIPT", tmp_path / "missing" / "extract.py")
-    spec = submit.build_job(["extract", "/in", "/out"], None, None, str(tmp_path))
+    spec = submit.build_job(cli_cluster.extract_job(["extract", "/in", "/out"]), None, None, str(tmp_path))
     assert spec.entrypoint == "python jobs/extract.py /in /out"
     script = tmp_path / "jobs" / "extract.py"
     assert script.read_text() == submit._SHIM
@@ -168,8 +182,8 @@ def test_pip_installed_package_ships_an_equivalent_script(tmp_path, monkeypatch)
 
 
 def test_working_dir_ships_a_checkout(tmp_path):
-    spec = submit.build_job(["extract", "s3://in/", "s3://out/"], str(ROOT / "conf" / "gpu.yaml"),
-                            str(ROOT), str(tmp_path))
+    job = cli_cluster.extract_job(["extract", "s3://in/", "s3://out/"])
+    spec = submit.build_job(job, str(ROOT / "conf" / "gpu.yaml"), str(ROOT), str(tmp_path))
     assert spec.entrypoint == "python jobs/extract.py --conf conf/gpu.yaml s3://in/ s3://out/"
     assert spec.runtime_env["working_dir"] == str(ROOT)
     assert {".git", ".venv"} <= set(spec.runtime_env["excludes"])
@@ -177,9 +191,9 @@ def test_working_dir_ships_a_checkout(tmp_path):
     outside = tmp_path / "outside.yaml"
     outside.write_text("model:\n  arch: vgg11\n")
     with pytest.raises(UsageError, match="outside --working-dir"):
-        submit.build_job(["extract", "s3://in/", "s3://out/"], str(outside), str(ROOT), str(tmp_path))
+        submit.build_job(job, str(outside), str(ROOT), str(tmp_path))
     with pytest.raises(UsageError, match="no jobs/extract.py"):
-        submit.build_job(["extract", "s3://in/", "s3://out/"], None, str(tmp_path), str(tmp_path))
+        submit.build_job(job, None, str(tmp_path), str(tmp_path))
 
 
 @pytest.mark.parametrize("status, exit_code, message, expected", [
@@ -197,17 +211,18 @@ def test_job_exit_code(status, exit_code, message, expected):
 
 def test_documented_submit_commands_are_accepted(tmp_path, monkeypatch):
     """Every `vgg-pipeline submit` in docs/cluster.md and infra/README.md passes submit's checks."""
-    from tests.test_infra import CLUSTER_DOC, INFRA_README, _shell_commands
+    from tests.helpers import CLUSTER_DOC, INFRA_README, shell_commands
 
     monkeypatch.chdir(ROOT)
-    documented = [c for doc in (CLUSTER_DOC, INFRA_README) for c in _shell_commands(doc.read_text())
+    documented = [c for doc in (CLUSTER_DOC, INFRA_README) for c in shell_commands(doc.read_text())
                   if c[:2] == ["vgg-pipeline", "submit"]]
     assert len(documented) >= 3
     for i, cmd in enumerate(documented):
         args = build_parser().parse_args(cmd[1:])
         staging = tmp_path / str(i)
         staging.mkdir()
-        spec = submit.build_job(submit._strip_separator(args.job), args.conf, args.working_dir, str(staging))
+        job = cli_cluster.extract_job(cli_cluster.strip_separator(args.job))
+        spec = submit.build_job(job, args.conf, args.working_dir, str(staging))
         assert spec.entrypoint.startswith("python jobs/extract.py --conf conf/gpu.yaml s3://"), cmd
 
 
@@ -316,9 +331,7 @@ def cluster():
             assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n" \
                                         + _logs_tail(root)
         c = Cluster(root, f"http://127.0.0.1:{dash_port}", f"127.0.0.1:{gcs_port}", token, env)
-        deadline = time.monotonic() + 60
-        while len(c.api("/nodes?view=summary")["data"]["summary"]) < 2:
-            assert time.monotonic() < deadline, "the worker node never joined"
+        while len(c.api("/nodes?view=summary")["data"]["summary"]) < 2:  # the worker node joins
             time.sleep(1)
         yield c
     finally:

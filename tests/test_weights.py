@@ -225,12 +225,12 @@ def test_imagenet_network_failure_suggests_a_path(hub, monkeypatch, server, tiny
 def test_stalled_download_times_out_and_caches_nothing(hub, monkeypatch, server, tiny_file):
     file, sha = tiny_file
     _publish(monkeypatch, server, file, f"vgg11-{sha[:8]}.pth")
-    monkeypatch.setattr(server, "delay_s", 3.0)  # headers, then silence
+    # Headers, then silence for far longer than the timeout: without the timeout the body would
+    # arrive and the load succeed, so only a working timeout raises here.
+    monkeypatch.setattr(server, "delay_s", 120.0)
     monkeypatch.setenv(TIMEOUT_ENV, "0.5")
-    t0 = time.monotonic()
     with pytest.raises(WeightsError) as e:
         load_state_dict("imagenet", "vgg11")
-    assert time.monotonic() - t0 < 2.5
     msg = _one_line_error(e)
     assert msg.startswith("could not download") and f"no data for 0.5 s ({TIMEOUT_ENV})" in msg
     assert os.listdir(hub) == [] and socket.getdefaulttimeout() is None

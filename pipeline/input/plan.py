@@ -27,13 +27,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import layout
 from .sources import ListingStats, list_input, manifest_batches, open_input
 from .storage import join, url_to_fs, write_atomic
 
 log = logging.getLogger(__name__)
 
-PLAN_DIR = "_plan"
-META = "_meta.json"
 PART_ROWS = 200_000  # rows per plan part file
 GROUP_ROWS = 32_768  # rows per Parquet row group: what planning and reading back hold at once
 ID_BUCKETS = 64  # hash partitions of a manifest's ids (local scratch files)
@@ -69,11 +68,11 @@ def shard_digest(ids: list[str]) -> str:
 
 
 def plan_dir(output: str) -> str:
-    return join(output, PLAN_DIR)
+    return join(output, layout.PLAN_DIR)
 
 
 def read_meta(output: str, storage_options: Optional[dict] = None) -> Optional[dict]:
-    fs, path = url_to_fs(join(plan_dir(output), META), storage_options)
+    fs, path = url_to_fs(join(output, layout.PLAN_META), storage_options)
     try:
         return json.loads(fs.cat_file(path))
     except FileNotFoundError:
@@ -111,7 +110,7 @@ class _PartSink:
         if self._writer is None:
             return
         self._writer.close()
-        name = f"part-{len(self.parts):05d}.parquet"
+        name = layout.part_name(len(self.parts))
         write_atomic(self.fs, join(self.directory, name), self._sink.getvalue().to_pybytes())
         self.parts.append(name)
         self._sink, self._writer, self._rows = None, None, 0
@@ -203,7 +202,7 @@ def build_plan(input_url: str, output: str, cfg: dict, fingerprint: str,
         "num_duplicates": num_duplicates, "skipped": stats.skipped, "parts": parts,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    write_atomic(fs, join(pdir, META), json.dumps(meta, indent=2).encode())
+    write_atomic(fs, join(pdir, layout.PLAN_META_NAME), json.dumps(meta, indent=2).encode())
     log.info("plan: %d images in %d shards (%d duplicate ids, skipped %s)",
              num_items, num_shards, num_duplicates, stats.skipped)
 
@@ -315,8 +314,7 @@ def iter_shards(output: str, storage_options: Optional[dict] = None,
                 skip: Optional[set[int]] = None) -> Iterator[Shard]:
     """Read the plan back, one shard at a time (rows of a shard are contiguous)."""
     fs, pdir = url_to_fs(plan_dir(output), storage_options)
-    parts = sorted(p for p in fs.ls(pdir, detail=False) if p.endswith(".parquet")
-                   and os.path.basename(p).startswith("part-"))
+    parts = sorted(p for p in fs.ls(pdir, detail=False) if layout.part_number(p) is not None)
     current: Optional[Shard] = None
     for part in parts:
         with fs.open(part, "rb") as f:

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Union
 
-import torch
 
 from ..decode.cpu import decode_with_size
 from ..errors import ItemError

@@ -1,7 +1,7 @@
 """Every path goes through fsspec: opening URLs, atomic writes, retried reads.
 
-Atomic files (DESIGN §5): on a local disk we write ``.name.tmp-<random>`` beside the target and
-``os.replace`` it; on object stores a single ``pipe_file`` (one PUT, or a multipart upload that
+Atomic files (DESIGN §5): on a local disk we write the target's ``layout.temp_name`` beside it
+and ``os.replace`` it; on object stores a single ``pipe_file`` (one PUT, or a multipart upload that
 only becomes visible on completion) — a reader never sees half a file either way.
 """
 
@@ -11,11 +11,12 @@ import logging
 import os
 import posixpath
 import time
-import uuid
 from typing import Any, Callable, Optional, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from .layout import temp_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,7 +51,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if is_local(fs):
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = os.path.join(directory, temp_name(os.path.basename(path)))
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

@@ -33,12 +33,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
+from pipeline.input import layout
 from pipeline.input.storage import is_local, join, to_uri, url_to_fs
+from pipeline.output.writer import METADATA_KEY
 
 log = logging.getLogger(__name__)
 
-METADATA_KEY = b"vgg_pipeline"
-EMBEDDINGS_DIR = "embeddings"
 _NORM_BLOCK = 4096  # rows per l2_normalize step: a float64 temporary of <= 128 MiB at d=4096
 
 
@@ -216,15 +216,15 @@ def vector_matrix(arr: pa.Array | pa.ChunkedArray, d: Optional[int], name: str =
 
 def _list_parts(output: str, storage_options: Optional[dict]) -> tuple[object, list[str]]:
     fs, root = url_to_fs(output, storage_options)
-    pattern = join(root, EMBEDDINGS_DIR, "part-*.parquet") if is_local(fs) else \
-        f"{root.rstrip('/')}/{EMBEDDINGS_DIR}/part-*.parquet"
+    pattern = join(root, layout.embeddings_glob()) if is_local(fs) else \
+        f"{root.rstrip('/')}/{layout.embeddings_glob()}"
     return fs, sorted(fs.glob(pattern))
 
 
 def _require_parts(output: str, storage_options: Optional[dict]) -> tuple[object, list[str]]:
     fs, files = _list_parts(output, storage_options)
     if not files:
-        raise UsageError(f"{output} has no {EMBEDDINGS_DIR}/part-*.parquet: not a vgg-pipeline output")
+        raise UsageError(f"{output} has no {layout.embeddings_glob()}: not a vgg-pipeline output")
     return fs, files
 
 

@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import UsageError
+from ..input import layout
 from ..input.plan import iter_shards, read_meta
 from ..input.storage import join, url_to_fs
-from .writer import EMBEDDINGS_DIR, ERRORS_DIR, ERRORS_SCHEMA, SUCCESS, part_name
+from .writer import ERRORS_SCHEMA
 
 REQUIRED_EMBEDDING_COLUMNS = ("id", "uri", "fc7", "logits", "width", "height")
 MAX_REPORTED = 20
@@ -70,10 +71,10 @@ def shard_counts(output: str, storage_options: Optional[dict] = None, check: boo
         seen_shards.add(shard.index)
         report.shards += 1
         report.images += len(shard)
-        emb_ids, emb_schema = _read_ids(fs, join(root, EMBEDDINGS_DIR, part_name(shard.index)))
-        err_ids, err_schema = _read_ids(fs, join(root, ERRORS_DIR, part_name(shard.index)))
+        emb_ids, emb_schema = _read_ids(fs, join(root, layout.embeddings_part(shard.index)))
+        err_ids, err_schema = _read_ids(fs, join(root, layout.errors_part(shard.index)))
         if emb_ids is None:
-            report.fail(f"shard {shard.index}: embeddings/{part_name(shard.index)} missing (shard not done)")
+            report.fail(f"shard {shard.index}: {layout.embeddings_part(shard.index)} missing (shard not done)")
             continue
         err_ids = err_ids or []
         report.embedded += len(emb_ids)
@@ -100,14 +101,14 @@ def shard_counts(output: str, storage_options: Optional[dict] = None, check: boo
         report.fail(f"plan holds {report.images} images/{report.shards} shards, _meta.json says "
                     f"{meta.get('num_items')}/{meta.get('num_shards')}")
     if check:
-        for sub in (EMBEDDINGS_DIR, ERRORS_DIR):
+        for sub in layout.SHARD_DIRS:
             try:
                 names = fs.ls(join(root, sub), detail=False)
             except FileNotFoundError:
                 continue
             for name in names:
                 base = name.rstrip("/").rsplit("/", 1)[-1]
-                if base.startswith("part-") and int(base[5:10]) not in seen_shards:
+                if base.startswith(layout.PART_PREFIX) and layout.part_number(base) not in seen_shards:
                     report.fail(f"{sub}/{base} belongs to no planned shard")
     return report
 
@@ -117,11 +118,11 @@ def verify(output: str, storage_options: Optional[dict] = None) -> Report:
     fs, root = url_to_fs(output, storage_options)
     if not fs.exists(root):
         raise UsageError(f"not found: {output}")
-    if not fs.exists(join(root, "_plan")):
-        raise UsageError(f"{output} is not a vgg-pipeline output (no _plan/)")
+    if not fs.exists(join(root, layout.PLAN_DIR)):
+        raise UsageError(f"{output} is not a vgg-pipeline output (no {layout.PLAN_DIR}/)")
     report = shard_counts(output, storage_options, check=True)
     try:
-        success = json.loads(fs.cat_file(join(root, SUCCESS)))
+        success = json.loads(fs.cat_file(join(root, layout.SUCCESS)))
     except FileNotFoundError:
         report.fail("_SUCCESS.json missing: the job did not finish")
         return report

@@ -1,4 +1,6 @@
-"""Output layout and Parquet schema (DESIGN §5): one embeddings file and at most one errors file per shard.
+"""Parquet schema and shard files (DESIGN §5): one embeddings file and at most one errors file per shard.
+
+Where the files go is :mod:`pipeline.input.layout`'s.
 
 Per shard the errors file is written (or a stale one removed) first and the embeddings file
 last, even with 0 rows: "``embeddings/part-NNNNN.parquet`` exists" is the shard's commit marker.
@@ -15,19 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..model.archs import FC7_DIM, NUM_CLASSES
+from ..input import layout
 from ..input.storage import join, remove_if_exists, url_to_fs, write_atomic
 
-EMBEDDINGS_DIR = "embeddings"
-ERRORS_DIR = "errors"
-SUCCESS = "_SUCCESS.json"
 METADATA_KEY = b"vgg_pipeline"
 
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("stage", pa.string()),
                            ("error_type", pa.string()), ("message", pa.string())])
-
-
-def part_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
 
 
 def embeddings_schema(fc7_dtype: str = "float32", top_k: int = 0,
@@ -108,24 +104,19 @@ def write_shard(output: str, shard: int, embeddings: pa.Table, errors: pa.Table,
                 storage_options: Optional[dict] = None) -> None:
     """Errors first (or remove a stale one), embeddings last: the commit marker."""
     fs, root = url_to_fs(output, storage_options)
-    err_path = join(root, ERRORS_DIR, part_name(shard))
+    err_path = join(root, layout.errors_part(shard))
     if errors.num_rows:
         write_atomic(fs, err_path, _parquet_bytes(errors))
     else:
         remove_if_exists(fs, err_path)
-    write_atomic(fs, join(root, EMBEDDINGS_DIR, part_name(shard)), _parquet_bytes(embeddings))
+    write_atomic(fs, join(root, layout.embeddings_part(shard)), _parquet_bytes(embeddings))
 
 
 def done_shards(output: str, storage_options: Optional[dict] = None) -> set[int]:
     """Shard numbers whose embeddings file (the commit marker) exists."""
-    fs, root = url_to_fs(join(output, EMBEDDINGS_DIR), storage_options)
+    fs, root = url_to_fs(join(output, layout.EMBEDDINGS_DIR), storage_options)
     try:
         names = fs.ls(root, detail=False)
     except FileNotFoundError:
         return set()
-    done = set()
-    for name in names:
-        base = name.rstrip("/").rsplit("/", 1)[-1]
-        if base.startswith("part-") and base.endswith(".parquet"):
-            done.add(int(base[5:-8]))
-    return done
+    return {n for n in map(layout.part_number, names) if n is not None}

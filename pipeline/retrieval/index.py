@@ -29,7 +29,6 @@ import math
 import os
 import tempfile
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,13 +42,13 @@ from tqdm import tqdm
 
 from pipeline.output.embeddings import count_rows, iter_embeddings, l2_normalize
 from pipeline.errors import UsageError
+from pipeline.input import layout
 from pipeline.input.storage import is_local, url_to_fs, write_atomic
 
 log = logging.getLogger(__name__)
 
 KINDS = ("flat", "ivf-pq", "hnsw")
 PREFERENCE = ("hnsw", "ivf-pq", "flat")  # load_index(kind=None) takes the first that exists
-INDEX_DIR = "index"
 ADD_CHUNK = 16384  # rows per index.add call: bounds the float32 batch to 256 MiB at d=4096
 
 # Below this many vectors IVF-PQ cannot train meaningful codebooks; flat is exact and fast there.
@@ -314,10 +313,10 @@ def _check_kind(kind: str) -> str:
 
 
 def _paths(fs, root: str, column: str, kind: str) -> dict[str, str]:
-    base = f"{root.rstrip('/')}/{INDEX_DIR}/{column}-{kind}"
+    rel = layout.index_paths(column, kind)
     if is_local(fs):
-        base = os.path.join(root, INDEX_DIR, f"{column}-{kind}")
-    return {"faiss": base + ".faiss", "ids": base + ".ids.parquet", "json": base + ".json"}
+        return {what: os.path.join(root, path) for what, path in rel.items()}
+    return {what: f"{root.rstrip('/')}/{path}" for what, path in rel.items()}
 
 
 @contextmanager
@@ -326,8 +325,7 @@ def _local_temp(fs, target: str) -> Iterator[str]:
     in the temp dir otherwise.  Removed on exit if still there."""
     if is_local(fs):
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        path = os.path.join(os.path.dirname(target),
-                            f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
+        path = os.path.join(os.path.dirname(target), layout.temp_name(os.path.basename(target)))
     else:
         fd, path = tempfile.mkstemp(prefix="vgg-index-", suffix=os.path.splitext(target)[1])
         os.close(fd)

@@ -1,4 +1,4 @@
-"""``vgg-pipeline index`` and ``vgg-pipeline search``: the last step, similarity search over an output.
+"""Similarity search over an output, the last step (its commands: :mod:`pipeline.cli.retrieval`).
 
 A query is an id present in the output (its stored vector is used) or an image path/URI, embedded
 with the model, weights and preprocessing recorded in the output's metadata, so query and
@@ -14,14 +14,16 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 from typing import Any, Optional
 
 import numpy as np
 
-from ..config import load_config, parse_storage_options
+from ..config import load_config
 from ..errors import ItemError, UsageError
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("fc7", "descriptor")
 
@@ -138,70 +140,11 @@ def _output_metadata(output: str, storage_options: Optional[dict]) -> dict:
     return {}
 
 
-# ----------------------------------------------------------------------------- CLI
-
-def _cmd_index(args: argparse.Namespace) -> int:
-    from ..output.embeddings import count_rows
-    from .index import build_index
-    so = parse_storage_options(args.storage_option)
-    kind = args.kind if args.kind != "auto" else default_kind(count_rows(args.output, so))
-    params = build_index(args.output, kind, args.column, storage_options=so, progress=not args.quiet)
-    print(f"built {kind} index of {params['rows']} x {params['dim']} ({args.column}) in "
-          f"{params['build_seconds']}s under {args.output.rstrip('/')}/index/")
-    return 0
-
-
-def _cmd_search(args: argparse.Namespace) -> int:
-    so = parse_storage_options(args.storage_option)
-    if args.build_index:
-        from .index import load_index
-        try:
-            load_index(args.output, args.column, None, so)
-        except UsageError:
-            from .index import build_index
-            build_index(args.output, "flat", args.column, storage_options=so, progress=False)
-    results = search(args.output, args.query, k=args.k, column=args.column, kind=args.kind,
-                     weights=args.weights, storage_options=so)
-    if args.json:
-        print(json.dumps([{"query": r["query"], "results": r["results"]} for r in results]))
-        return 0
-    categories = _categories()
-    for r in results:
-        head = f"query {r['query']}"
-        if r["query_class"] is not None and categories:
-            head += f"  (top class: {categories[r['query_class']]})"
-        print(head)
-        for hit in r["results"]:
-            print(f"  {hit['rank']:>3}  {hit['score']:.4f}  {hit['id']}  {hit['uri']}")
-    return 0
-
-
-def _categories() -> Optional[list[str]]:
+def ensure_index(output: str, column: str = "fc7", storage_options: Optional[dict] = None) -> None:
+    """Build a flat (exact) index of ``column`` unless ``output`` already has an index of it."""
+    from .index import build_index, load_index
     try:
-        from torchvision.models import VGG16_Weights
-        return list(VGG16_Weights.IMAGENET1K_V1.meta["categories"])
-    except Exception:  # noqa: BLE001 - names are a nicety
-        return None
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="build a FAISS index of OUTPUT's embeddings under OUTPUT/index/")
-    p.add_argument("output", metavar="OUTPUT")
-    p.add_argument("--kind", choices=("auto", "flat", "ivf-pq", "hnsw"), default="auto",
-                   help="auto: flat up to 100k rows, ivf-pq beyond")
-    p.add_argument("--column", choices=COLUMNS, default="fc7")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(handler=_cmd_index)
-
-    p = sub.add_parser("search", help="nearest neighbours of images or ids in OUTPUT")
-    p.add_argument("output", metavar="OUTPUT")
-    p.add_argument("query", metavar="QUERY", nargs="+", help="an image path/URI, or an id in OUTPUT")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--json", action="store_true", help="print a JSON list, one object per query")
-    p.add_argument("--column", choices=COLUMNS, default="fc7")
-    p.add_argument("--kind", choices=("flat", "ivf-pq", "hnsw"), help="which index (default: the best built)")
-    p.add_argument("--weights", help="weights to embed query images with (default: those recorded in OUTPUT)")
-    p.add_argument("--build-index", action="store_true", help="build a flat index first if OUTPUT has none")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(handler=_cmd_search)
+        load_index(output, column, None, storage_options)
+    except UsageError:
+        log.info("%s has no %s index; building a flat one", output, column)
+        build_index(output, "flat", column, storage_options=storage_options, progress=False)

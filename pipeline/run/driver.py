@@ -26,18 +26,17 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..config import model_fingerprint, redact
 from ..errors import JobFailed, UsageError
+from ..input import layout
 from ..input.plan import Shard, build_plan, iter_shards, read_meta
 from ..input.sources import input_kind
 from ..input.storage import is_local, join, url_to_fs, write_atomic
 from ..output.verify import shard_counts
 from ..model.weights import weights_identity
-from ..output.writer import EMBEDDINGS_DIR, ERRORS_DIR, METADATA_KEY, SUCCESS, done_shards, part_name
+from ..output.writer import METADATA_KEY, done_shards
 from .ray_pool import RayPool
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-
-OUTPUT_ENTRIES = ("_plan", "embeddings", "errors", "index", SUCCESS)
 
 
 # ----------------------------------------------------------------------------- output state
@@ -48,7 +47,7 @@ def prepare_output(input_url: str, output: str, fingerprint: str, shard_size: in
     fs, root = url_to_fs(output, storage_options)
     meta = read_meta(output, storage_options)
     if overwrite:
-        for entry in OUTPUT_ENTRIES:
+        for entry in layout.ENTRIES:
             if fs.exists(join(root, entry)):
                 fs.rm(join(root, entry), recursive=True)
         return None
@@ -65,7 +64,7 @@ def prepare_output(input_url: str, output: str, fingerprint: str, shard_size: in
         return meta
     done = sorted(done_shards(output, storage_options))
     if done:  # a job killed before its plan was complete: are its finished shards ours?
-        md = _part_metadata(fs, join(root, EMBEDDINGS_DIR, part_name(done[0])))
+        md = _part_metadata(fs, join(root, layout.embeddings_part(done[0])))
         if md is None:
             raise UsageError(f"{output} has embeddings/ that vgg-pipeline did not write: not a resumable "
                              "output; use --overwrite or another OUTPUT")
@@ -92,7 +91,7 @@ def _part_metadata(fs, path: str) -> Optional[dict]:
 
 
 def remove_temp_files(output: str, storage_options: Optional[dict] = None) -> int:
-    """Delete ``.part-*.tmp-*`` files a killed writer left in OUTPUT (local disks only).
+    """Delete the temporary files (``layout.temp_name``) a killed writer left in OUTPUT (local disks only).
 
     Object stores never show half files (one PUT), so there is nothing to clean there.
     """
@@ -100,14 +99,14 @@ def remove_temp_files(output: str, storage_options: Optional[dict] = None) -> in
     if not is_local(fs):
         return 0
     removed = 0
-    for sub in (EMBEDDINGS_DIR, ERRORS_DIR):
+    for sub in layout.SHARD_DIRS:
         directory = os.path.join(root, sub)
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
             continue
         for name in names:
-            if name.startswith(".part-") and ".tmp-" in name:
+            if layout.is_temp_name(name):
                 try:
                     os.unlink(os.path.join(directory, name))
                     removed += 1
@@ -184,7 +183,7 @@ def _drop_stale(shards: Iterator[Shard], done: set[int], output: str,
     fs, root = url_to_fs(output, storage_options)
     for shard in shards:
         if shard.index in done:
-            md = _part_metadata(fs, join(root, EMBEDDINGS_DIR, part_name(shard.index))) or {}
+            md = _part_metadata(fs, join(root, layout.embeddings_part(shard.index))) or {}
             if md.get("shard_digest") != shard.digest or md.get("job") != job:
                 log.warning("shard %d was written by another plan or job; redoing it", shard.index)
                 done.discard(shard.index)
@@ -211,5 +210,5 @@ def _write_success(input_url: str, output: str, cfg: dict, fingerprint: str, wei
         "shards": report.per_shard,
     }
     fs, root = url_to_fs(output, storage_options)
-    write_atomic(fs, join(root, SUCCESS), json.dumps(summary, indent=1).encode())
+    write_atomic(fs, join(root, layout.SUCCESS), json.dumps(summary, indent=1).encode())
     return summary
