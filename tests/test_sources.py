@@ -25,7 +25,7 @@ from pipeline.input.plan import build_plan, iter_shards, read_meta
 from pipeline.decode.preprocess import Decoded
 from pipeline.input.reader import Failed, read_shard
 from pipeline.input.sources import ListingStats, input_kind, list_input, read_tar_members
-from pipeline.input.storage import FileSystems, with_retries
+from pipeline.input.storage import FileSystems, StorageUnavailable, with_retries
 from tests.corpus import encode, small_photo, write_good_corpus, write_sidecars
 
 EXPECTED_SIDECAR_SKIPS = {
@@ -386,7 +386,7 @@ def test_with_retries_retries_transient_errors_with_backoff():
     assert with_retries(flaky, "s3://b/k", base_delay=0.01) == b"data"
     assert len(calls) == 3
     gaps = [b - a for a, b in zip(calls, calls[1:])]
-    assert gaps[0] >= 0.01 and gaps[1] >= 0.04  # exponential backoff: 0.01, then 0.04
+    assert gaps[0] >= 0.01 and gaps[1] >= 0.02  # exponential backoff with jitter: 0.01-0.02, then 0.02-0.04
     assert time.perf_counter() - t0 < 2
 
     resets = []
@@ -394,9 +394,10 @@ def test_with_retries_retries_transient_errors_with_backoff():
     def reset():
         resets.append(1)
         raise ConnectionResetError("connection reset by peer")
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(StorageUnavailable) as given_up:
         with_retries(reset, "x", attempts=3, base_delay=0.001)
-    assert len(resets) == 3  # retried, then given up: the caller makes it an error row
+    assert len(resets) == 3  # retried, then given up: the shard fails (retried), no error row
+    assert isinstance(given_up.value.__cause__, ConnectionResetError)
 
 
 @pytest.mark.parametrize("exc", [FileNotFoundError("nope"), PermissionError("denied"),
