@@ -8,10 +8,11 @@ and, deterministically, answers some of them the way object stores fail under lo
 * ``500``: ``500 InternalError``;
 * ``reset``: the connection is reset before the request is forwarded;
 * ``lost``: the request is forwarded (the server did it) and the connection reset before the answer;
-* ``truncate``: the answer's headers and half its body, then a reset (a cut GET).
+* ``truncate``: the answer's headers and half its body, then the connection closes (a cut GET).
 
-Faults follow a :class:`FaultPlan`: every ``every``-th request that ``match`` selects gets the next
-kind of ``kinds`` in turn, so a run's faults are the same whatever the timing.  ``latency_s`` is
+Faults follow a :class:`FaultPlan`: every ``every``-th request of each operation (listing, read,
+write...) that ``match`` selects gets the next kind of ``kinds`` in turn, so each operation is
+faulted as planned whatever the timing.  ``latency_s`` is
 added to every request; :meth:`FaultProxy.gate` holds the first ``n`` GETs until ``n`` are waiting
 at once (a run that keeps fewer in flight breaks the gate instead of passing by luck).
 """
@@ -31,6 +32,9 @@ from urllib.parse import urlsplit
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade",
               "expect", "trailer"}
+# aiohttp drops what it buffered once the connection is gone, so the cut is made some time after
+# the half body was sent: long enough for the client's event loop to take it.
+TRUNCATE_PAUSE_S = 0.5
 ERROR_XML = {
     "503": (503, "SlowDown", "Please reduce your request rate."),
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
@@ -48,20 +52,44 @@ class Request:
     sent: int = 0  # body bytes sent back
 
 
+def first_only(pred: Callable[[str, str, str], bool]) -> Callable[[str, str, str], bool]:
+    """``pred`` for the first request it selects, False after that."""
+    hit = []
+
+    def once(method: str, path: str, query: str) -> bool:
+        if hit or not pred(method, path, query):
+            return False
+        hit.append(path)
+        return True
+    return once
+
+
+def operation(method: str, path: str, query: str) -> str:
+    """``LIST`` for a bucket listing, else the HTTP method (``GET`` is an object read)."""
+    return "LIST" if method == "GET" and "list-type=" in query else method
+
+
 @dataclass
 class FaultPlan:
+    """Every ``every``-th request of each operation (LIST, GET, PUT, HEAD...) that ``match``
+    selects gets the next of ``kinds``; requests that ``always`` selects get ``always_kind``."""
     every: int = 0                                  # 0: no faults
     kinds: tuple[str, ...] = ("503", "500", "reset")
     match: Callable[[str, str, str], bool] = lambda method, path, query: True
-    _seen: int = field(default=0, repr=False)
+    always: Optional[Callable[[str, str, str], bool]] = None
+    always_kind: str = "503"
+    _seen: dict = field(default_factory=dict, repr=False)
 
     def decide(self, method: str, path: str, query: str) -> Optional[str]:
+        if self.always is not None and self.always(method, path, query):
+            return self.always_kind
         if not self.every or not self.match(method, path, query):
             return None
-        self._seen += 1
-        if self._seen % self.every:
+        op = operation(method, path, query)
+        n = self._seen[op] = self._seen.get(op, 0) + 1
+        if n % self.every:
             return None
-        return self.kinds[(self._seen // self.every - 1) % len(self.kinds)]
+        return self.kinds[(n // self.every - 1) % len(self.kinds)]
 
 
 class FaultProxy:
@@ -211,9 +239,11 @@ class _Handler(BaseHTTPRequestHandler):
                 sent = data[: len(data) // 2] if cut else data
                 self.wfile.write(sent)
                 req.sent = len(sent)
-            if cut:
+            if cut:  # half the body, a pause (the client takes what came), then a clean close
                 self.wfile.flush()
-                self._reset()
+                time.sleep(TRUNCATE_PAUSE_S)
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
         finally:
             proxy._end()
 
