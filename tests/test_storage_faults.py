@@ -140,6 +140,14 @@ def test_permanent_errors_stay_error_rows_without_retries(store, proxy):
     assert len([r for r in proxy.requests if r.path.endswith("missing.jpg")]) == 1
 
 
+def test_a_uri_no_filesystem_opens_is_an_error_row(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(image(0))
+    got = list(fetch_shard(["nosuchscheme://b/x.jpg", str(tmp_path / "ok.jpg")], set(), FileSystems(),
+                           max_bytes=10**7, threads=1, prefetch=1))
+    assert isinstance(got[0], Failed) and got[0].error.stage == "read"
+    assert isinstance(got[1], Fetched) and got[1].data == image(0)
+
+
 def test_transient_and_permanent_faults_are_told_apart():
     import errno
 
@@ -288,3 +296,14 @@ def test_extract_bucket_to_bucket_under_faults_and_resume_after_a_failed_finish(
         assert_no_secret(first.stdout, first.stderr, second.stdout, second.stderr, check.stdout, check.stderr, logs)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_fetch_benchmark_prints_its_table(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import s3_fetch
+    assert s3_fetch.main(["--images", "6", "--repeat", "1", "--latencies", "0,20", "--concurrency", "8",
+                          "--data", str(tmp_path / "jpegs")]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows[1:]] == ["0", "20"]
+    assert all(float(r[3]) == 1.0 for r in rows[1:])  # one request per image
+    assert all(float(r[1].split()[0]) > 0 for r in rows[1:])

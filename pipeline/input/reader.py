@@ -132,7 +132,10 @@ class _Fetcher:
     def _async_fs(self, uri: str) -> Optional[tuple[Any, str]]:
         if split_tar_uri(uri) is not None:
             return None
-        fs, path = self.fsys.get(uri)
+        try:
+            fs, path = self.fsys.get(uri)
+        except Exception:  # noqa: BLE001 - e.g. an unknown protocol: the blocking read makes it an error row
+            return None
         if getattr(fs, "async_impl", False) and not is_local(fs):
             return fs, path
         return None
