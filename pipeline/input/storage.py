@@ -56,9 +56,9 @@ _TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "InternalError", "Ser
 _PERMANENT_TEXT = ("403", "404", "AccessDenied", "NoSuchKey", "NoSuchBucket", "Forbidden")
 
 ATTEMPTS_ENV = "VGG_PIPELINE_STORAGE_ATTEMPTS"
-DEFAULT_ATTEMPTS = 10    # at 1 fault in 3 requests, 1 call in 60,000 exhausts it
+DEFAULT_ATTEMPTS = 12    # 1 fault in 3 requests exhausts 1 call in 500,000; 1 in 2, 1 in 4,000
 BASE_DELAY_S = 0.1       # first retry after 0.1-0.2 s ...
-MAX_DELAY_S = 4.0        # ... doubling up to 4-8 s: about 20-40 s before a call is given up
+MAX_DELAY_S = 4.0        # ... doubling up to 4-8 s: 26-53 s before a call is given up
 # input.read_concurrency: at 30 ms a request, 256 in flight is ~8,500 img/s, what one GPU takes in,
 # for ~40 MB of encoded images held at once; S3 serves 5,500 GETs/s per prefix before SlowDown.
 DEFAULT_READ_CONCURRENCY = 256
@@ -231,7 +231,7 @@ def describe_fault(exc: BaseException) -> str:
 # -- the retry policy ----------------------------------------------------------------------------
 
 def retry_attempts() -> int:
-    """Tries per storage call: ``VGG_PIPELINE_STORAGE_ATTEMPTS`` or 10."""
+    """Tries per storage call: ``VGG_PIPELINE_STORAGE_ATTEMPTS`` or 12."""
     try:
         return max(1, int(os.environ.get(ATTEMPTS_ENV, DEFAULT_ATTEMPTS)))
     except ValueError:
