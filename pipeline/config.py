@@ -23,6 +23,7 @@ import fsspec
 import yaml
 
 from .errors import UsageError
+from .input.storage import DEFAULT_READ_CONCURRENCY
 from .model.archs import ARCHS
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
@@ -96,6 +97,7 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "input.extensions": (list(IMAGE_EXTENSIONS), _list(_extension)),
     "input.max_pixels": (100_000_000, _int(1)),
     "input.max_bytes": (100_000_000, _int(1)),
+    "input.read_concurrency": (DEFAULT_READ_CONCURRENCY, _int(1)),
     "runtime.num_actors": (None, _optional(_int(1))),
     "runtime.batch_size": (None, _optional(_int(1))),
     "runtime.device": ("auto", _choice("auto", "cuda", "cpu")),

@@ -1,12 +1,13 @@
-"""S3 end to end against a real S3 API on localhost (moto server): input and output buckets,
-credentials from the environment or ``--storage-option``, IAM-denied and missing objects as
-error rows, paged bucket listings, tar shards in a bucket, and no credential in any output."""
+"""S3 end to end against a real S3 API on localhost (moto server, reached through the fault proxy
+of ``tests/fault_proxy.py`` with no faults, so tests can count requests): input and output
+buckets, credentials from the environment or ``--storage-option``, IAM-denied and missing objects
+as error rows, paged bucket listings, one GET per image and per tar, and no credential in any
+output."""
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -20,11 +21,13 @@ import pytest
 
 import pipeline
 from pipeline.input import sources, storage
+from pipeline.input.reader import Fetched, fetch_shard
 from pipeline.decode.preprocess import Decoded
 from pipeline.input.reader import read_shard
 from pipeline.input.sources import ListingStats, list_input
 from pipeline.input.storage import FileSystems
 from tests.corpus import encode, small_photo
+from tests.fault_proxy import FaultProxy, start_moto
 
 BUCKET = "vgg-s3-test"
 # key below s3://BUCKET/in/ -> photo index, or None for a file that is not an image
@@ -59,14 +62,11 @@ def s3(tmp_path_factory):
     """
     boto3 = pytest.importorskip("boto3")
     requests = pytest.importorskip("requests")
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    admin = dict(endpoint_url=endpoint, aws_access_key_id="admin", aws_secret_access_key="admin",
+    server, upstream = start_moto()
+    proxy = FaultProxy(upstream)
+    endpoint = proxy.endpoint
+    admin = dict(endpoint_url=upstream, aws_access_key_id="admin", aws_secret_access_key="admin",
                  region_name="us-east-1")
     client = boto3.client("s3", **admin)
     client.create_bucket(Bucket=BUCKET)
@@ -81,13 +81,15 @@ def s3(tmp_path_factory):
                       {"Effect": "Deny", "Action": "s3:GetObject",
                        "Resource": f"arn:aws:s3:::{BUCKET}/in/private/*"}]}))
     key = iam.create_access_key(UserName="pipeline")["AccessKey"]
-    requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0").raise_for_status()  # enforce IAM now
+    requests.post(f"{upstream}/moto-api/reset-auth", data=b"0").raise_for_status()  # enforce IAM now
     try:
         yield {"endpoint": endpoint, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"],
+               "proxy": proxy,
                "options": {"endpoint_url": endpoint, "key": key["AccessKeyId"],
                            "secret": key["SecretAccessKey"]}}
     finally:
-        requests.post(f"{endpoint}/moto-api/reset-auth", data=b"inf")
+        requests.post(f"{upstream}/moto-api/reset-auth", data=b"inf")
+        proxy.close()
         server.stop()
 
 
@@ -194,21 +196,34 @@ def test_manifest_in_a_bucket_with_storage_options(s3, vgg11_weights, ray_local)
 
 
 def test_bucket_listing_is_paged_sorted_and_skips_hidden_and_markers(s3, monkeypatch):
-    pages = []
-    real_sync = sources.sync
-
-    def counting_sync(loop, fn, *args, **kwargs):
-        result = real_sync(loop, fn, *args, **kwargs)
-        pages.append(len(result))
-        return result
     monkeypatch.setattr(sources, "LIST_PAGE", 2)
-    monkeypatch.setattr(sources, "sync", counting_sync)
+    s3["proxy"].reset_log()
     stats = ListingStats()
     items = list(list_input(f"s3://{BUCKET}/in/", ["jpg", "jpeg", "png", "webp"], s3["options"], stats))
     ids = [i for i, _ in items]
     assert ids == sorted(GOOD + [DENIED]) and stats.kind == "folder"
     assert stats.skipped == {"extension:.json": 1, "hidden-dir": 1}
-    assert len(pages) >= 4 and max(pages) <= 2  # streamed two keys at a time, not one big listing
+    lists = [r.query for r in s3["proxy"].requests if "list-type=2" in r.query]
+    pages = [q for q in lists if "max-keys=2&" in q + "&"]
+    # streamed two keys at a time (9 keys: 5 pages), not one big listing; the rest is the
+    # one-key probe that tells a folder from a file
+    assert len(pages) == 5 and all("max-keys=1&" in q for q in lists if q not in pages)
+
+
+def test_one_ranged_get_per_image_and_no_head(s3):
+    """``input.max_bytes`` comes from the answer of one ranged GET: no HEAD/size request first."""
+    keys = ["a.jpg", "sub/b.png", "sub/deep/c.jpg"]
+    limit = len(image_bytes("sub/b.png")) - 1  # b.png is just too large
+    s3["proxy"].reset_log()
+    got = list(fetch_shard([f"s3://{BUCKET}/in/{k}" for k in keys], set(), FileSystems(s3["options"]),
+                           max_bytes=limit, threads=2, prefetch=2))
+    assert [type(g).__name__ for g in got] == ["Fetched", "Failed", "Fetched"]
+    assert got[1].error.error_type == "TooLarge"
+    assert [g.data for g in got if isinstance(g, Fetched)] == [image_bytes("a.jpg"), image_bytes("sub/deep/c.jpg")]
+    requests = s3["proxy"].requests
+    assert [r.method for r in requests] == ["GET"] * 3
+    assert {r.range for r in requests} == {f"bytes=0-{limit}"}
+    assert max(r.sent for r in requests) <= limit + 1  # the too-large file was not read past the limit
 
 
 def test_permanent_s3_errors_are_not_retried(s3, monkeypatch):
@@ -236,7 +251,10 @@ def test_tar_shard_in_a_bucket_is_listed_and_streamed(s3):
     items = list(list_input(f"s3://{BUCKET}/tars/", ["jpg", "png"], s3["options"]))
     tar_uri = f"s3://{BUCKET}/tars/shard-0.tar"
     assert items == [("shard-0.tar#x/0.jpg", f"{tar_uri}#x/0.jpg"), ("shard-0.tar#x/1.png", f"{tar_uri}#x/1.png")]
+    s3["proxy"].reset_log()
     results = list(read_shard([u for _, u in items], set(), fsys, max_pixels=10**8, max_bytes=10**8,
                               threads=2, prefetch=2))
     assert all(isinstance(r, Decoded) for r in results)
     assert [(r.width, r.height) for r in results] == [small_photo(0).size, small_photo(1).size]
+    tar_reads = [(r.method, r.range) for r in s3["proxy"].requests if r.path.endswith("shard-0.tar")]
+    assert tar_reads == [("GET", None)]  # the tar is streamed in one GET, not a HEAD and block reads

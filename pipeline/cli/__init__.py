@@ -77,3 +77,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("vgg-pipeline: interrupted; finished shards are kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a storage fault outside the retried calls: one line, exit 1
+        from ..input.storage import describe_fault, is_transient
+        if not is_transient(exc):
+            raise
+        print(f"vgg-pipeline: job failed: storage unavailable ({describe_fault(exc)}); finished work is "
+              "kept, rerun the same command to resume", file=sys.stderr)
+        return 1

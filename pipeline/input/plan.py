@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .sources import ListingStats, list_input, manifest_batches, open_input
-from .storage import join, url_to_fs, write_atomic
+from .storage import exists, join, ls, open_read, read_file, url_to_fs, with_retries, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def plan_dir(output: str) -> str:
 def read_meta(output: str, storage_options: Optional[dict] = None) -> Optional[dict]:
     fs, path = url_to_fs(join(output, layout.PLAN_META), storage_options)
     try:
-        return json.loads(fs.cat_file(path))
+        return json.loads(read_file(fs, path))
     except FileNotFoundError:
         return None
 
@@ -175,8 +175,8 @@ def build_plan(input_url: str, output: str, cfg: dict, fingerprint: str,
     """
     kind, in_fs, in_path = open_input(input_url, storage_options)  # a missing input raises here
     fs, pdir = url_to_fs(plan_dir(output), storage_options)
-    if fs.exists(pdir):
-        fs.rm(pdir, recursive=True)
+    if exists(fs, pdir):
+        with_retries(lambda: fs.rm(pdir, recursive=True), plan_dir(output))
     stats = ListingStats(kind=kind)
     shard_size = cfg["input"]["shard_size"]
     num_items = num_shards = num_duplicates = 0
@@ -314,10 +314,10 @@ def iter_shards(output: str, storage_options: Optional[dict] = None,
                 skip: Optional[set[int]] = None) -> Iterator[Shard]:
     """Read the plan back, one shard at a time (rows of a shard are contiguous)."""
     fs, pdir = url_to_fs(plan_dir(output), storage_options)
-    parts = sorted(p for p in fs.ls(pdir, detail=False) if layout.part_number(p) is not None)
+    parts = sorted(p for p in ls(fs, pdir, detail=False) if layout.part_number(p) is not None)
     current: Optional[Shard] = None
     for part in parts:
-        with fs.open(part, "rb") as f:
+        with open_read(fs, part) as f:
             pf = pq.ParquetFile(f)
             for batch in _row_groups(pf, ["shard", "id", "uri", "duplicate"]):
                 shard_col = batch.column("shard").to_numpy()

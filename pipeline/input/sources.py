@@ -30,10 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from fsspec.asyn import sync
-
 from ..errors import UsageError
-from .storage import is_local, to_uri, url_to_fs
+from .storage import is_local, ls, open_read, open_stream, to_uri, url_to_fs, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +66,7 @@ def open_input(url: str, storage_options: Optional[dict] = None) -> tuple[str, f
     if any(c in path for c in GLOB_CHARS) and not _is_http(fs):
         return "glob", fs, path
     try:
-        info = fs.info(path)
+        info = with_retries(lambda: fs.info(path), url)
     except FileNotFoundError:
         raise UsageError(f"input not found: {url}") from None
     except PermissionError:
@@ -103,7 +101,8 @@ def list_input(url: str, extensions: list[str], storage_options: Optional[dict] 
         items = _tar_members(fs, path, posixpath.basename(path), exts, stats)
     elif stats.kind == "glob":
         root = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
-        files = (p for p in sorted(fs.glob(path)) if not fs.isdir(p))
+        matches = with_retries(lambda: fs.glob(path), url)
+        files = (p for p in sorted(matches) if not with_retries(lambda: fs.isdir(p), to_uri(fs, p)))
         items = _filter_files(fs, root, files, exts, stats)
     else:
         items = _filter_files(fs, path, _walk_sorted(fs, path, stats), exts, stats)
@@ -168,7 +167,7 @@ def _same_as_any(path: str, dirs: frozenset) -> bool:
 
 def _walk_fsspec(fs: fsspec.AbstractFileSystem, root: str, stats: ListingStats) -> Iterator[str]:
     """The same walk through ``fs.ls`` (memory://, gs://, az://, ...): one directory at a time."""
-    entries = sorted(fs.ls(root, detail=True), key=lambda e: e["name"])
+    entries = sorted(ls(fs, root, detail=True), key=lambda e: e["name"])
     for e in entries:
         name = e["name"].rstrip("/")
         if name == root.rstrip("/"):
@@ -185,29 +184,28 @@ def _s3_pages(fs: fsspec.AbstractFileSystem, root: str) -> Optional[Iterator[lis
     """Keys below ``root`` a page at a time (S3 returns them sorted); ``None`` if not s3fs.
 
     ``fs.ls``/``fs.find`` collect a whole prefix before returning: a 10-million-object bucket
-    would sit in memory and the first shard would wait for the last page.
+    would sit in memory and the first shard would wait for the last page.  Each page is one
+    ``ListObjectsV2`` request, retried on its own: a fault on page 9,000 repeats that page only.
     """
-    iterdir = getattr(fs, "_iterdir", None)
-    if iterdir is None or "s3" not in _protocols(fs):
+    if "s3" not in _protocols(fs) or not hasattr(fs, "call_s3"):
         return None
     bucket, key, _ = fs.split_path(root)
-    agen = iterdir(bucket, delimiter="", prefix=key.rstrip("/") + "/" if key else "")
-
-    async def take() -> list[str]:
-        out: list[str] = []
-        async for info in agen:  # breaking out leaves the generator open for the next call
-            if info["type"] == "file" and not info["name"].endswith("/"):  # skip folder markers
-                out.append(info["name"])
-            if len(out) >= LIST_PAGE:
-                break
-        return out
+    prefix = key.rstrip("/") + "/" if key else ""
+    where = f"s3://{bucket}/{prefix}"
 
     def pages() -> Iterator[list[str]]:
+        token: Optional[str] = None
         while True:
-            page = sync(fs.loop, take)
-            if not page:
+            more = {"ContinuationToken": token} if token else {}
+            resp = with_retries(lambda: fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix,
+                                                   MaxKeys=LIST_PAGE, **more), where)
+            names = [f"{bucket}/{o['Key']}" for o in resp.get("Contents", [])
+                     if not o["Key"].endswith("/")]  # folder markers are not files
+            if names:
+                yield names
+            token = resp.get("NextContinuationToken")
+            if not resp.get("IsTruncated") or not token:
                 return
-            yield page
     return pages()
 
 
@@ -270,7 +268,7 @@ def _tar_members(fs: fsspec.AbstractFileSystem, path: str, tar_id: str, exts: se
 
 def _scan_tar(fs: fsspec.AbstractFileSystem, path: str, tar_id: str, tar_uri: str, exts: set[str],
               stats: ListingStats, seen: set[str]) -> Iterator[tuple[str, str]]:
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with open_stream(fs, path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -355,7 +353,7 @@ def manifest_batches(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple
 
 
 def _txt_blocks(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[pa.Array, pa.Array]]:
-    with fs.open(path, "rb") as f:
+    with open_stream(fs, path) as f:
         rest, offset = b"", 0
         while True:
             block = f.read(MANIFEST_BLOCK_BYTES)
@@ -387,7 +385,7 @@ def _txt_lines(chunk: bytes, path: str, offset: int) -> pa.Array:
 
 def _table_blocks(fs: fsspec.AbstractFileSystem, path: str,
                   batches: Callable[..., Iterator[pa.RecordBatch]]) -> Iterator[tuple[pa.Array, pa.Array]]:
-    with fs.open(path, "rb") as f:
+    with open_read(fs, path) as f:
         for batch in batches(f, path):
             uri = pc.utf8_trim_whitespace(batch.column("uri").cast(pa.string()))
             if "id" in batch.schema.names:

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import fsspec
 import torch
 import torch.hub
 from torch import nn
@@ -321,17 +320,23 @@ def _local_file(spec: str, storage_options: dict | None) -> Iterator[str]:
             raise WeightsError(f"weights path is not a file: {shown}")
         yield path
         return
+    # The one storage layer below the model: its retry policy (transient faults retried, one that
+    # outlasts the budget is StorageUnavailable: exit 1, not a "bad weights" usage error).
+    from pipeline.input.storage import StorageUnavailable, redact_message, url_to_fs, with_retries
+
     fd, tmp = tempfile.mkstemp(prefix="vgg-weights-", suffix=os.path.splitext(
         urlsplit(spec).path)[1])
     os.close(fd)
     try:
         try:
-            fs, rpath = fsspec.core.url_to_fs(spec, **(storage_options or {}))
-            fs.get_file(rpath, tmp)
+            fs, rpath = url_to_fs(spec, storage_options)
+            with_retries(lambda: fs.get_file(rpath, tmp), spec)
         except FileNotFoundError:
             raise WeightsError(f"weights file not found: {shown}") from None
+        except StorageUnavailable:
+            raise
         except Exception as e:  # fsspec backends raise many types; all mean "cannot fetch"
-            msg = " ".join(str(e).split())[:300]
+            msg = redact_message(" ".join(str(e).split()))[:300]
             raise WeightsError(f"could not read weights {shown}: {type(e).__name__}: {msg}"
                                ) from None
         yield tmp

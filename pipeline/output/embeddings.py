@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
 from pipeline.input import layout
-from pipeline.input.storage import is_local, join, to_uri, url_to_fs
+from pipeline.input.storage import is_local, join, open_read, to_uri, url_to_fs, with_retries
 from pipeline.output.writer import METADATA_KEY
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ def _list_parts(output: str, storage_options: Optional[dict]) -> tuple[object, l
     fs, root = url_to_fs(output, storage_options)
     pattern = join(root, layout.embeddings_glob()) if is_local(fs) else \
         f"{root.rstrip('/')}/{layout.embeddings_glob()}"
-    return fs, sorted(fs.glob(pattern))
+    return fs, sorted(with_retries(lambda: fs.glob(pattern), output))
 
 
 def _require_parts(output: str, storage_options: Optional[dict]) -> tuple[object, list[str]]:
@@ -232,8 +232,8 @@ def _require_parts(output: str, storage_options: Optional[dict]) -> tuple[object
 def _parquet(fs, path: str, footer: Optional[pq.FileMetaData] = None) -> Iterator[pq.ParquetFile]:
     """Open one part file; a known ``footer`` saves re-reading it (one request less on S3)."""
     # Remote files are seekable fsspec files: pyarrow fetches the footer, then only the column
-    # chunks it needs.
-    with (open(path, "rb") if is_local(fs) else fs.open(path, "rb")) as f:
+    # chunks it needs, each request retried on transient faults.
+    with (open(path, "rb") if is_local(fs) else open_read(fs, path)) as f:
         pf = pq.ParquetFile(f, metadata=footer)
         try:
             yield pf

@@ -3,7 +3,8 @@
 Checks, shard by shard (so memory stays at one shard's ids): the plan is complete, every shard
 has its embeddings file (commit marker), both files have the expected schema, the union of the
 two files' ids equals the plan's ids for that shard with no id twice, no stray part files, and
-``_SUCCESS.json`` exists with matching counts.
+``_SUCCESS.json`` exists with matching counts.  Every read is retried on transient faults
+(:mod:`pipeline.input.storage`): a 503 is never reported as a missing file.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 from ..errors import UsageError
 from ..input import layout
 from ..input.plan import iter_shards, read_meta
-from ..input.storage import join, url_to_fs
+from ..input.storage import exists, join, ls, open_read, read_file, url_to_fs
 from .writer import ERRORS_SCHEMA
 
 REQUIRED_EMBEDDING_COLUMNS = ("id", "uri", "fc7", "logits", "width", "height")
@@ -51,7 +52,7 @@ class Report:
 
 def _read_ids(fs, path: str) -> tuple[Optional[list[str]], Optional[pa.Schema]]:
     try:
-        with fs.open(path, "rb") as f:
+        with open_read(fs, path) as f:
             pf = pq.ParquetFile(f)
             return pf.read(columns=["id"]).column("id").to_pylist(), pf.schema_arrow
     except FileNotFoundError:
@@ -103,7 +104,7 @@ def shard_counts(output: str, storage_options: Optional[dict] = None, check: boo
     if check:
         for sub in layout.SHARD_DIRS:
             try:
-                names = fs.ls(join(root, sub), detail=False)
+                names = ls(fs, join(root, sub), detail=False)
             except FileNotFoundError:
                 continue
             for name in names:
@@ -116,13 +117,13 @@ def shard_counts(output: str, storage_options: Optional[dict] = None, check: boo
 def verify(output: str, storage_options: Optional[dict] = None) -> Report:
     """Full check of ``output``; ``report.ok`` is False if anything is lost, doubled or malformed."""
     fs, root = url_to_fs(output, storage_options)
-    if not fs.exists(root):
+    if not exists(fs, root):
         raise UsageError(f"not found: {output}")
-    if not fs.exists(join(root, layout.PLAN_DIR)):
+    if not exists(fs, join(root, layout.PLAN_DIR)):
         raise UsageError(f"{output} is not a vgg-pipeline output (no {layout.PLAN_DIR}/)")
     report = shard_counts(output, storage_options, check=True)
     try:
-        success = json.loads(fs.cat_file(join(root, layout.SUCCESS)))
+        success = json.loads(read_file(fs, join(root, layout.SUCCESS)))
     except FileNotFoundError:
         report.fail("_SUCCESS.json missing: the job did not finish")
         return report

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from ..model.archs import FC7_DIM, NUM_CLASSES
 from ..input import layout
-from ..input.storage import join, remove_if_exists, url_to_fs, write_atomic
+from ..input.storage import join, ls, remove_if_exists, url_to_fs, write_atomic
 
 METADATA_KEY = b"vgg_pipeline"
 
@@ -102,7 +102,11 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 def write_shard(output: str, shard: int, embeddings: pa.Table, errors: pa.Table,
                 storage_options: Optional[dict] = None) -> None:
-    """Errors first (or remove a stale one), embeddings last: the commit marker."""
+    """Errors first (or remove a stale one), embeddings last: the commit marker.
+
+    Each write is retried on transient faults; one that outlasts the budget raises
+    ``StorageUnavailable`` before the commit marker exists, so the shard is simply redone.
+    """
     fs, root = url_to_fs(output, storage_options)
     err_path = join(root, layout.errors_part(shard))
     if errors.num_rows:
@@ -116,7 +120,7 @@ def done_shards(output: str, storage_options: Optional[dict] = None) -> set[int]
     """Shard numbers whose embeddings file (the commit marker) exists."""
     fs, root = url_to_fs(join(output, layout.EMBEDDINGS_DIR), storage_options)
     try:
-        names = fs.ls(root, detail=False)
+        names = ls(fs, root, detail=False)
     except FileNotFoundError:
         return set()
     return {n for n in map(layout.part_number, names) if n is not None}

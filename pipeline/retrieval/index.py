@@ -43,7 +43,7 @@ from tqdm import tqdm
 from pipeline.output.embeddings import count_rows, iter_embeddings, l2_normalize
 from pipeline.errors import UsageError
 from pipeline.input import layout
-from pipeline.input.storage import is_local, url_to_fs, write_atomic
+from pipeline.input.storage import exists, is_local, open_read, read_file, url_to_fs, with_retries, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -178,22 +178,22 @@ def load_index(output: str, column: str = "fc7", kind: Optional[str] = None,
     kinds = PREFERENCE if kind is None else (_check_kind(kind),)
     for k in kinds:
         paths = _paths(fs, root, column, k)
-        if fs.exists(paths["json"]):
+        if exists(fs, paths["json"]):
             break
     else:
         how = f"vgg-pipeline index {output}" + (f" --kind {kind}" if kind else "") + \
             (f" --column {column}" if column != "fc7" else "")
         what = f"no {kind} index" if kind else "no index"
         raise UsageError(f"{what} in {output} (column {column}); build one with `{how}`")
-    params = json.loads(fs.cat_file(paths["json"]))
-    with fs.open(paths["ids"], "rb") as f:
+    params = json.loads(read_file(fs, paths["json"]))
+    with open_read(fs, paths["ids"]) as f:
         table = pq.read_table(f)
     if is_local(fs):
         index = faiss.read_index(paths["faiss"])
     else:
         with tempfile.TemporaryDirectory(prefix="vgg-index-") as tmp:
             local = os.path.join(tmp, "index.faiss")
-            fs.get_file(paths["faiss"], local)
+            with_retries(lambda: fs.get_file(paths["faiss"], local), paths["faiss"])
             index = faiss.read_index(local)
     if index.ntotal != table.num_rows:
         raise UsageError(f"{paths['faiss']} holds {index.ntotal} vectors but its ids file "
@@ -337,11 +337,11 @@ def _local_temp(fs, target: str) -> Iterator[str]:
 
 
 def _upload(fs, local: str, target: str) -> None:
-    """Make ``target`` appear whole: rename on a local disk, a single put on object stores."""
+    """Make ``target`` appear whole: rename on a local disk, a single (retried) put on object stores."""
     if is_local(fs):
         os.replace(local, target)
     else:
-        fs.put_file(local, target)
+        with_retries(lambda: fs.put_file(local, target), target)
 
 
 def _first_dim(output: str, column: str, storage_options: Optional[dict]) -> int:

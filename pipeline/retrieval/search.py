@@ -86,10 +86,10 @@ class QueryEmbedder:
 
 
 def _is_image_path(query: str, storage_options: Optional[dict]) -> bool:
-    from ..input.storage import url_to_fs
+    from ..input.storage import url_to_fs, with_retries
     try:
         fs, path = url_to_fs(query, storage_options)
-        return fs.isfile(path)
+        return with_retries(lambda: fs.isfile(path), query)
     except (OSError, ValueError):
         return False
 
@@ -129,11 +129,11 @@ def search(output: str, queries: list[str], *, k: int = 10, column: str = "fc7",
 def _output_metadata(output: str, storage_options: Optional[dict]) -> dict:
     import pyarrow.parquet as pq
     from ..output.embeddings import embedding_files
-    from ..input.storage import url_to_fs
+    from ..input.storage import open_read, url_to_fs
     from ..output.writer import METADATA_KEY
     fs, _ = url_to_fs(output, storage_options)
     for f in embedding_files(output, storage_options):
-        with fs.open(fs._strip_protocol(f), "rb") as fh:
+        with open_read(fs, fs._strip_protocol(f)) as fh:
             md = pq.read_schema(fh).metadata or {}
         if METADATA_KEY in md:
             return json.loads(md[METADATA_KEY])

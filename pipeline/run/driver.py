@@ -192,6 +192,9 @@ def _drop_stale(shards: Iterator[Shard], done: set[int], output: str,
 
 def _write_success(input_url: str, output: str, cfg: dict, fingerprint: str, weights, stats: dict,
                    wall_s: float, storage_options: Optional[dict]) -> dict:
+    """Count the written shards and write ``_SUCCESS.json``.  Every read and the write retry
+    transient faults; one that outlasts the budget raises ``StorageUnavailable`` (one line, exit 1)
+    with every shard kept, so rerunning the command only redoes this accounting."""
     report = shard_counts(output, storage_options)
     if not report.ok:
         raise JobFailed("output incomplete after the run: " + "; ".join(report.problems[:3]))

@@ -59,7 +59,7 @@ class ShardWorker:
         self.cfg, self.output, self.storage_options = cfg, output, storage_options
         self.job = job  # the driver's job identity (input + model fingerprint), kept for resume checks
         self.mapper = make_mapper(cfg, storage_options, num_threads)
-        self.fsys = FileSystems(storage_options)
+        self.fsys = FileSystems(storage_options, read_concurrency=cfg["input"]["read_concurrency"])
         rt, inp = cfg["runtime"], cfg["input"]
         self.batch_size = rt["batch_size"] or default_batch_size(self.mapper, cfg["model"]["arch"])
         self.threads = rt["decode_threads"] or max(2, min(16, (os.cpu_count() or 2)))
