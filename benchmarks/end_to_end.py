@@ -204,7 +204,10 @@ def render(runs: list[dict], model: list[dict], plain: Optional[list[dict]] = No
         rows += [("plain torchvision eager fp32 loop img/s (model only, same batch, threads)",
                   common.spread(rates)),
                  ("**speed-up: pipeline steady / plain torchvision fp32** (medians)", f"**{speedup:.3f}**"),
-                 ("speed-up per alternating pair", ", ".join(f"{s / p:.3f}" for s, p in zip(steady, rates)))]
+                 ("speed-up per alternating pair", ", ".join(f"{s / p:.3f}" for s, p in zip(steady, rates))),
+                 ("plain torchvision CPU s/img", common.spread([m["cpu_s_per_img"] for m in plain], 3)),
+                 ("CPU-cost speed-up: plain CPU s/img / pipeline whole-job CPU s/img (steadier when shared)",
+                  f"{common.summary([m['cpu_s_per_img'] for m in plain])['median'] / common.summary([r['job_cpu_s_per_img'] for r in runs])['median']:.3f}")]
     return common.table(["measure", "value (median (min-max, n))"], rows)
 
 
