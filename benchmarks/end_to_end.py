@@ -20,9 +20,15 @@ load, plan, read, decode, model, Parquet writes).  Reported per run:
 ``--compare-model-only`` also runs ``benchmarks/model_only.py`` (same arch, device, precision,
 batch size and thread count as the pipeline's actor), alternating with the pipeline runs, and
 prints both medians and their ratio — the CPU-efficiency figure (target >= 0.9) — and the same
-ratio in CPU seconds per image (model-only / pipeline), which a busy machine disturbs less::
+ratio in CPU seconds per image (model-only / pipeline), which a busy machine disturbs less.
+Model-only runs in the CPU actor's environment (``pipeline.run.ray_pool.CPU_ACTOR_ENV``).
 
-    python benchmarks/end_to_end.py --compare-model-only                 # cpu, vgg16, 64 images
+``--compare-torchvision`` also runs the plain loop a user would write (``model_only.py
+--torchvision``: torchvision's VGG in eager fp32, same batch and threads, the plain environment),
+alternating too, and prints the pipeline's speed-up over it -- end to end (read, decode, write
+included) against a loop that only runs the model.  ``make bench-cpu`` runs both comparisons::
+
+    python benchmarks/end_to_end.py --compare-model-only --compare-torchvision   # cpu, vgg16, 64 images
     python benchmarks/end_to_end.py --device cuda --precision bf16 --batch-size 256 --images 20000 \\
         --shard-size 2000 --compare-model-only --doc
 """
@@ -126,16 +132,27 @@ def child_env(args: argparse.Namespace) -> Optional[dict]:
     return env
 
 
-def run_model_only(args: argparse.Namespace, threads: Optional[int]) -> dict:
+def actor_env(args: argparse.Namespace) -> dict:
+    """The environment a CPU actor of the pipeline runs in (its malloc settings), plus ``--env``."""
+    from pipeline.run.ray_pool import CPU_ACTOR_ENV
+    env = child_env(args) or dict(os.environ)
+    return {**env, **CPU_ACTOR_ENV} if args.device == "cpu" else env
+
+
+def run_model_only(args: argparse.Namespace, threads: Optional[int], torchvision: bool = False) -> dict:
+    """One ``model_only.py`` run: the pipeline's model as its actor runs it, or (``torchvision``)
+    the plain torchvision fp32 loop in this process' own environment."""
     script = Path(__file__).resolve().parent / "model_only.py"
     cmd = [sys.executable, str(script), "--device", args.device, "--arch", args.arch, "--weights", args.weights,
            "--batch-size", str(args.batch_size or (8 if args.device == "cpu" else 64)),
            "--images", str(args.model_images or args.images), "--repeat", "1", "--json"]
-    if args.precision:
+    if torchvision:
+        cmd.append("--torchvision")
+    elif args.precision:
         cmd += ["--precision", args.precision]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=None if torchvision else actor_env(args))
     if proc.returncode != 0:
         raise RuntimeError(f"model_only failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["results"][0]
@@ -151,7 +168,7 @@ def actor_threads(args: argparse.Namespace) -> Optional[int]:
     return len(os.sched_getaffinity(0))
 
 
-def render(runs: list[dict], model: list[dict]) -> str:
+def render(runs: list[dict], model: list[dict], plain: Optional[list[dict]] = None) -> str:
     steady = [r["steady_img_per_s"] for r in runs]
     rows = [("pipeline steady img/s", common.spread(steady)),
             ("pipeline run img/s (incl. actor start + model load)", common.spread([r["run_img_per_s"] for r in runs])),
@@ -182,6 +199,16 @@ def render(runs: list[dict], model: list[dict]) -> str:
                  ("ratio per alternating pair", ", ".join(f"{p:.3f}" for p in pairs)),
                  ("CPU efficiency: model-only CPU s/img / actor CPU s/img", f"{cpu_eff:.3f}"),
                  ("CPU efficiency incl. driver and Ray processes", f"{job_eff:.3f}")]
+    if plain:
+        rates = [m["img_per_s"] for m in plain]
+        speedup = common.summary(steady)["median"] / common.summary(rates)["median"]
+        rows += [("plain torchvision eager fp32 loop img/s (model only, same batch, threads)",
+                  common.spread(rates)),
+                 ("**speed-up: pipeline steady / plain torchvision fp32** (medians)", f"**{speedup:.3f}**"),
+                 ("speed-up per alternating pair", ", ".join(f"{s / p:.3f}" for s, p in zip(steady, rates))),
+                 ("plain torchvision CPU s/img", common.spread([m["cpu_s_per_img"] for m in plain], 3)),
+                 ("CPU-cost speed-up: plain CPU s/img / pipeline whole-job CPU s/img (steadier when shared)",
+                  f"{common.summary([m['cpu_s_per_img'] for m in plain])['median'] / common.summary([r['job_cpu_s_per_img'] for r in runs])['median']:.3f}")]
     return common.table(["measure", "value (median (min-max, n))"], rows)
 
 
@@ -201,6 +228,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--compare-model-only", action="store_true",
                    help="alternate with model_only.py runs and print the ratio")
+    p.add_argument("--compare-torchvision", action="store_true",
+                   help="alternate with the plain torchvision eager fp32 loop and print the speed-up")
     p.add_argument("--model-images", type=int, default=None, help="images per model-only run (default --images)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the pipeline and model-only processes (and so the Ray "
@@ -220,9 +249,11 @@ def main(argv=None) -> int:
     data = args.data or Path(tempfile.gettempdir()) / f"vgg-bench-jpegs-{args.images}"
     if args.data is None:
         common.make_jpeg_set(data, args.images)
-    runs, model = [], []
+    runs, model, plain = [], [], []
     with tempfile.TemporaryDirectory(prefix="vgg-bench-e2e-") as tmp:
         for i in range(args.repeat):
+            if args.compare_torchvision:
+                plain.append(run_model_only(args, actor_threads(args), torchvision=True))
             if args.compare_model_only:
                 model.append(run_model_only(args, actor_threads(args)))
             runs.append(run_pipeline(data, args, Path(tmp), env=child_env(args)))
@@ -230,7 +261,8 @@ def main(argv=None) -> int:
                         {k: v for k, v in runs[-1].items() if k != "command"})
     note = (f"\n{args.images} JPEGs ({', '.join(f'{w}x{h}' for w, h in common.DEFAULT_SIZES)} cycled), "
             f"shard size {args.shard_size}; pipeline command: `{runs[0]['command']}`\n")
-    common.report(args, m, {"runs": runs, "model_only": model}, lambda: render(runs, model),
+    common.report(args, m, {"runs": runs, "model_only": model, "torchvision": plain},
+                  lambda: render(runs, model, plain),
                   f"End to end, {args.arch} on {args.device}", note)
     return 0
 

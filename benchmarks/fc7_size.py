@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 import common
 from pipeline.model.archs import FC7_DIM, NUM_CLASSES
-from pipeline.output.writer import (EMBEDDINGS_DIR, ShardRows, embeddings_schema, embeddings_table,
-                                    errors_table, part_name, write_shard)
+from pipeline.input import layout
+from pipeline.output.writer import ShardRows, embeddings_schema, embeddings_table, errors_table, write_shard
 
 
 def synthetic_rows(n: int, zero_fraction: float, seed: int = 0) -> ShardRows:
@@ -42,7 +42,7 @@ def shard_bytes(rows: ShardRows, fc7_dtype: str, root: str) -> tuple[int, int]:
     """(file bytes, fc7 column chunk bytes) of the part file written for ``rows``."""
     table = embeddings_table(rows, embeddings_schema(fc7_dtype), {"benchmark": "fc7_size"})
     write_shard(root, 0, table, errors_table([], {}))
-    path = os.path.join(root, EMBEDDINGS_DIR, part_name(0))
+    path = os.path.join(root, layout.embeddings_part(0))
     meta = pq.ParquetFile(path).metadata
     fc7 = sum(meta.row_group(g).column(c).total_compressed_size
               for g in range(meta.num_row_groups) for c in range(meta.num_columns)

@@ -2,6 +2,9 @@
 ready-made normalised batch, no reading, no decoding, no writing.
 
 The ceiling the end-to-end run is compared with (``benchmarks/end_to_end.py --compare-model-only``).
+``--torchvision`` measures the plain loop a user would write instead: ``torchvision.models.<arch>``
+in eager fp32 under ``torch.inference_mode()``, torchvision's layout, same batch and threads
+(``end_to_end.py --compare-torchvision``: what the pipeline gains over it).
 On CUDA the batch is already on the device (no H2D); fc7 and logits are copied back to the host as
 in the pipeline.  Each (precision, batch size) pair: ``--warmup`` batches, then ``--repeat``
 measurements of ``--images`` images each; the median is the figure, min and max the noise.
@@ -9,6 +12,8 @@ measurements of ``--images`` images each; the median is the figure, min and max 
 Usage::
 
     python benchmarks/model_only.py --device cpu --arch vgg16 --batch-size 8 --threads 2 --images 32
+    python benchmarks/model_only.py --device cpu --precision fp32,bf16 --batch-size 8 --images 32
+    python benchmarks/model_only.py --device cpu --torchvision --batch-size 8 --images 32  # plain loop
     python benchmarks/model_only.py --device cuda --arch vgg16 --precision bf16,fp16,fp32 \\
         --batch-size 64,128,256 --images 4096 --repeat 5 --doc
     python benchmarks/model_only.py --device cuda --precision bf16 --batch-size 256 --compile  # + torch.compile rows
@@ -51,6 +56,25 @@ def measure(extractor, batch_size: int, images: int, warmup: int, repeat: int) -
     return rates, cpu
 
 
+class PlainTorchvision:
+    """The baseline loop: torchvision's own VGG, eager fp32, torchvision's layout, host numpy out."""
+
+    precision = "torchvision fp32"
+
+    def __init__(self, arch: str, device: str, num_threads) -> None:
+        import torch
+        import torchvision
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device)
+        self.model = getattr(torchvision.models, arch)(weights=None).eval().to(self.device)
+
+    def __call__(self, x):
+        import torch
+        with torch.inference_mode():
+            return self.model(x).cpu().numpy()
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
@@ -61,8 +85,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = []
     for precision in args.precision:
         for compiled in ([False, True] if args.compile else [False]):
-            ex = Extractor(args.arch, args.weights, device=args.device, precision=precision,
-                           num_threads=args.threads)
+            if args.torchvision:
+                ex = PlainTorchvision(args.arch, args.device, args.threads)
+            else:
+                ex = Extractor(args.arch, args.weights, device=args.device, precision=precision,
+                               num_threads=args.threads)
             if compiled:
                 ex.model = torch.compile(ex.model)
             for bs in args.batch_size:
@@ -92,8 +119,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--arch", default="vgg16")
     p.add_argument("--weights", default="random:0", help="as extract --weights (speed does not depend on them)")
-    p.add_argument("--precision", default=None,
-                   help="comma list of fp32,bf16,fp16 (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--precision", default="auto",
+                   help="comma list of auto,fp32,bf16,fp16 (default auto, as the pipeline)")
+    p.add_argument("--torchvision", action="store_true",
+                   help="measure torchvision's VGG in eager fp32 (the plain baseline loop) instead")
     p.add_argument("--batch-size", default=None, help="comma list (default: 8 on cpu, 64,128,256 on cuda)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads on cpu (default: all cores, as a CPU actor uses)")
@@ -105,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--doc", action="store_true", help="append the table to docs/benchmarks.md")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
-    args.precision = (args.precision or ("bf16" if cuda else "fp32")).split(",")
+    args.precision = ["fp32"] if args.torchvision else args.precision.split(",")
     args.batch_size = [int(b) for b in (args.batch_size or ("64,128,256" if cuda else "8")).split(",")]
     args.images = args.images or (2048 if cuda else 32)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)

@@ -25,6 +25,7 @@ import yaml
 from .errors import UsageError
 from .input.storage import DEFAULT_READ_CONCURRENCY
 from .model.archs import ARCHS
+from .model.precision import PRECISIONS
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
 
@@ -101,7 +102,8 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "runtime.num_actors": (None, _optional(_int(1))),
     "runtime.batch_size": (None, _optional(_int(1))),
     "runtime.device": ("auto", _choice("auto", "cuda", "cpu")),
-    "runtime.precision": ("auto", _choice("auto", "bf16", "fp16", "fp32")),
+    # auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (pipeline/model/precision.py).
+    "runtime.precision": ("auto", _choice(*PRECISIONS)),
     "runtime.cpus_per_actor": (None, _optional(_number)),
     "runtime.decode_threads": (None, _optional(_int(1))),
     "runtime.decode": ("auto", _choice("auto", "cpu", "gpu")),
@@ -171,7 +173,16 @@ def load_config(conf: Optional[str] = None, overrides: Iterable[str] = (),
         if not sep:
             raise UsageError(f"--set expects key=value, got {item!r}")
         set_key(cfg, dotted.strip(), value)
+    _check_combinations(cfg)
     return cfg
+
+
+def _check_combinations(cfg: dict) -> None:
+    """Settings that parse one by one but cannot work together."""
+    rt = cfg["runtime"]
+    if rt["device"] == "cpu" and rt["precision"] == "fp16":
+        raise UsageError("runtime.precision=fp16 needs CUDA; on runtime.device=cpu use bf16 "
+                         "(fast where the CPU has native bf16), fp32 or auto")
 
 
 def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
@@ -213,13 +224,26 @@ def redact_text(item: str) -> str:
 
 
 def model_fingerprint(cfg: dict, weights_name: str, weights_sha: Optional[str]) -> str:
-    """Hash of everything that changes the numbers in the output (model, weights, preprocessing)."""
+    """Hash of everything that changes the numbers in the output (model, weights, preprocessing,
+    precision); a resume with a different fingerprint is refused."""
+    # Imported here: the recipes live with the code that applies them (and pull in torch).
+    from .decode import preprocess
+    from .model import descriptor
+
     m = cfg["model"]
     relevant = {
         "arch": m["arch"], "descriptor": m["descriptor"], "weights": weights_name,
         "weights_sha256": weights_sha, "fc7_dtype": cfg["output"]["fc7_dtype"],
-        "top_k": cfg["output"]["top_k"], "preprocessing": "imagenet1k_v1",
+        "top_k": cfg["output"]["top_k"], "preprocessing": preprocess.DESCRIPTION,
+        # The *configured* precision, not what the workers resolved it to: the driver cannot know
+        # the latter (each actor detects its own CPU), and ``auto`` is a contract that holds on any
+        # worker -- the fastest format within the parity tolerance of fp32 (fc7 cosine >= 0.999,
+        # same top-1).  So a resume with ``auto`` on other hardware continues, each part file
+        # recording the format it ran in (``dtypes.compute``); switching to an explicit format
+        # (say fp32, for bit-identical outputs) is a different model and needs --overwrite.
+        "precision": cfg["runtime"]["precision"],
     }
     if m["descriptor"] == "dense-multiscale":
-        relevant.update(scales=m["scales"], scale_aggregation=m["scale_aggregation"])
+        relevant.update(scales=m["scales"], scale_aggregation=m["scale_aggregation"],
+                        dense_preprocessing=descriptor.DESCRIPTION)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import save_weights
+from tests.helpers import require_program, save_weights
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_HOME", "/nonexistent-torch-home-tests-never-download")
@@ -35,18 +34,6 @@ def ray_local():
              configure_logging=False)
     yield ray
     ray.shutdown()
-
-
-def require_program(name: str, installed_by: str) -> str:
-    """Path of the program ``name``; skips the test without it, but fails under CI, where
-    ``installed_by`` (a Makefile step) must have installed it: a missing install is a failure."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} not found (installed by {installed_by})"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import psutil
+import pytest
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,3 +224,15 @@ def shell_commands(markdown: str) -> list[list[str]]:
             if tokens:
                 commands.append(tokens)
     return commands
+
+
+def require_program(name: str, installed_by: str) -> str:
+    """Path of the program ``name``; skips the test without it, but fails under CI, where
+    ``installed_by`` (a Makefile step) must have installed it: a missing install is a failure."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found (installed by {installed_by})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

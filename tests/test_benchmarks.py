@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+from pipeline.model.precision import resolve_precision  # noqa: E402
 import end_to_end  # noqa: E402
 import model_only  # noqa: E402
 
@@ -73,16 +74,30 @@ def test_model_only_prints_a_table(doc, capsys):
     finally:
         torch.set_num_threads(threads)  # the rest of the session keeps its threads
     rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu")]
-    assert [[c.strip() for c in r[:5]] for r in rows] == [["cpu", "vgg11", "fp32", "1", "1"],
-                                                          ["cpu", "vgg11", "fp32", "2", "1"]]
+    ran = resolve_precision("auto", torch.device("cpu"))  # model_only measures what the pipeline runs
+    assert [[c.strip() for c in r[:5]] for r in rows] == [["cpu", "vgg11", ran, "1", "1"],
+                                                          ["cpu", "vgg11", ran, "2", "1"]]
     assert all(_number(r[5]) > 0 for r in rows)
     assert "Model only, vgg11 on cpu" in doc.read_text()
+
+
+def test_model_only_measures_the_plain_torchvision_loop(capsys):
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        assert model_only.main(["--arch", "vgg11", "--torchvision", "--batch-size", "1", "--images", "1",
+                                "--repeat", "1", "--warmup", "0", "--threads", "1", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (result,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert result["precision"] == "torchvision fp32" and result["img_per_s"] > 0
 
 
 @pytest.mark.slow  # a fresh local Ray per run: ~15-60 s on 2 shared cores
 def test_end_to_end_compares_with_model_only(jpegs, doc, capsys):
     assert end_to_end.main(["--data", str(jpegs), "--images", "4", "--arch", "vgg11", "--shard-size", "1",
-                            "--batch-size", "1", "--compare-model-only", "--model-images", "2", "--doc"]) == 0
+                            "--batch-size", "1", "--compare-model-only", "--compare-torchvision",
+                            "--model-images", "2", "--doc"]) == 0
     rows = _rows(capsys.readouterr().out)
     steady = _number(rows["pipeline steady img/s"][0])
     model = _number(rows["model-only img/s (same arch, batch, threads)"][0])
@@ -90,6 +105,10 @@ def test_end_to_end_compares_with_model_only(jpegs, doc, capsys):
     # The ratios are those of the medians shown (2-3 decimals each, hence the tolerance).
     ratio = _number(rows["**ratio steady / model-only img/s** (medians)"][0])
     assert ratio == pytest.approx(steady / model, rel=0.02, abs=0.002)
+    plain = _number(rows["plain torchvision eager fp32 loop img/s (model only, same batch, threads)"][0])
+    assert plain > 0
+    speedup = _number(rows["**speed-up: pipeline steady / plain torchvision fp32** (medians)"][0])
+    assert speedup == pytest.approx(steady / plain, rel=0.02, abs=0.002)
     actor_cpu = _number(rows["pipeline actor CPU s/img (steady)"][0])
     model_cpu = _number(rows["model-only CPU s/img"][0])
     assert actor_cpu > 0 and model_cpu > 0

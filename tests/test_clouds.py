@@ -25,8 +25,9 @@ import pytest
 
 from pipeline.config import redact
 from pipeline.errors import UsageError
-from pipeline.submit import check_job_args
-from tests.conftest import require_program
+from pipeline.cli.cluster import extract_job
+from pipeline.submit import check_job
+from tests.helpers import require_program
 from tests.corpus import encode, small_photo
 
 # Azurite's one account and its key: public, the same on every machine (Microsoft's docs).
@@ -223,5 +224,5 @@ def test_an_azure_connection_string_is_a_secret():
     assert redact({"connection_string": cs, "account_name": "acct"}) == {
         "connection_string": "***", "account_name": "acct"}
     with pytest.raises(UsageError, match="connection_string=... looks like a credential"):
-        check_job_args(["extract", "az://images/photos", "az://features/run",
-                        f"--storage-option=connection_string={cs}"], None)
+        check_job(extract_job(["extract", "az://images/photos", "az://features/run",
+                               f"--storage-option=connection_string={cs}"]), None)

@@ -28,7 +28,7 @@ SCALES = [224, 256]
 @pytest.fixture(scope="module")
 def ex(vgg11_weights) -> DenseExtractor:
     return DenseExtractor("vgg11", str(vgg11_weights), scales=SCALES, aggregation="mean",
-                          device="cpu")
+                          device="cpu", precision="fp32")  # the fp32-exact reference tests below
 
 
 def photo(index: int, size: tuple[int, int] = (300, 240), shift: int = 0) -> Image.Image:

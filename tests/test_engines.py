@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from pipeline.output.writer import EMBEDDINGS_DIR, METADATA_KEY
-from tests.conftest import extract_thumbnails
+from pipeline.input.layout import EMBEDDINGS_DIR
+from pipeline.output.writer import METADATA_KEY
+from tests.helpers import extract_thumbnails
 
 Columns = tuple[list[str], np.ndarray, np.ndarray]   # ids, fc7 (n x 4096 float32), logits (n x 1000)
 

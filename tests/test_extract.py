@@ -20,6 +20,7 @@ from pipeline.decode.preprocess import preprocess_pil
 from pipeline.output.verify import verify
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
+FP32 = ("--set", "runtime.precision=fp32")
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -39,7 +40,8 @@ def vgg16_torchvision(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli_output(photo_dir, vgg16_torchvision, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "out"
-    res = run_cli("extract", str(photo_dir), str(out), "--weights", str(vgg16_torchvision[1]),
+    # fp32: the precision that promises torchvision's numbers (auto may pick bf16; tests/test_precision.py)
+    res = run_cli("extract", str(photo_dir), str(out), "--weights", str(vgg16_torchvision[1]), *FP32,
                   "--set", "input.shard_size=4", "--set", "runtime.batch_size=4",
                   "--set", "output.top_k=5")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -124,7 +126,7 @@ def test_verify_accepts_good_and_rejects_tampered_outputs(cli_output, tmp_path, 
 def test_rerun_is_a_resume_and_other_model_is_refused(photo_dir, cli_output, vgg16_torchvision):
     out, _ = cli_output
     before = {p.name: p.stat().st_mtime_ns for p in (out / "embeddings").iterdir()}
-    res = run_cli("extract", str(photo_dir), str(out), "--weights", str(vgg16_torchvision[1]),
+    res = run_cli("extract", str(photo_dir), str(out), "--weights", str(vgg16_torchvision[1]), *FP32,
                   "--set", "input.shard_size=4", "--set", "runtime.batch_size=4", "--set", "output.top_k=5")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "3 shards resumed" in res.stdout

@@ -55,6 +55,10 @@ MIN_SCALE = 224     # the dense network needs a 7x7 pool5 map: one fc6 position
 MAX_SIDE = 2048     # longer side cap after resizing (central region kept)
 FC6_KERNEL = 7      # pool5 of a 224 input is 7x7: fc6 sees a 7x7 window
 AGGREGATIONS = ("mean", "stack")
+# The dense path's own preprocessing beyond the scales (recorded in the resume fingerprint).
+DESCRIPTION = {"resize": "shorter side to each scale", "interpolation": "bilinear", "antialias": True,
+               "max_side": MAX_SIDE, "flip": "mean of image and horizontal flip",
+               "pooling": "spatial mean of fc7 and of per-position softmax"}
 # Input pixels (images + flips) of one forward pass on the CPU: 4 pairs at 512x512 (~1 GiB of
 # VGG16 fp32 activations: two 64-channel maps at full resolution).
 CPU_MAX_BATCH_PIXELS = 4 * 2 * 512 * 512
@@ -214,8 +218,5 @@ class DenseExtractor(Extractor):
 
     def _pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised batch -> spatial means of the fc7 map and of the per-position softmax."""
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            fc7_map, scores = self.dense(x)
+        fc7_map, scores = self.dense(self.prepare(x))
         return fc7_map.float().mean((2, 3)), scores.float().softmax(1).mean((2, 3))

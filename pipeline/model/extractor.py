@@ -1,7 +1,9 @@
 """The mapper: a VGG resident on one device turning preprocessed batches into fc7 + logits.
 
-On CUDA: bf16 autocast by default (fp16 or fp32 on request) and ``channels_last``.  On CPU: fp32,
-with torch using exactly the cores the actor reserved (Ray sets ``OMP_NUM_THREADS=1`` otherwise).
+Precision (``runtime.precision``, resolved on this worker by :mod:`pipeline.model.precision`):
+bf16 *weights* with ``channels_last`` on CUDA and on CPUs with native bf16, fp32 elsewhere; fp16 on
+CUDA on request.  The model is cast once at load, so no per-batch autocast copies of the weights.
+On CPU, torch uses exactly the cores the actor reserved (Ray sets ``OMP_NUM_THREADS=1`` otherwise).
 
 Example::
 
@@ -13,17 +15,16 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .precision import dtype, prepare_input, prepare_model, resolve_precision
 from .weights import WeightsInfo, load_model
 
 log = logging.getLogger(__name__)
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -32,12 +33,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device=cuda but this worker sees no CUDA device")
     return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if device.type != "cuda":
-        return "fp32"  # bf16 on CPU is slower than fp32 on most CPUs and changes the numbers
-    return "bf16" if precision == "auto" else precision
 
 
 class Extractor:
@@ -50,28 +45,27 @@ class Extractor:
         if self.device.type == "cpu" and num_threads:
             torch.set_num_threads(num_threads)
         model, self.weights = load_model(arch, weights, storage_options)
-        self.model = model.to(self.device).eval()
+        self.model = prepare_model(model, self.precision, self.device)
         if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = True  # fixed 224x224 batches: autotune once
         log.info("model %s on %s (%s), weights %s", arch, self.device, self.precision, self.weights.name)
 
     @property
     def weights_info(self) -> WeightsInfo:
         return self.weights
 
-    def _autocast(self):
-        if self.precision in AUTOCAST_DTYPES:
-            return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
-        return contextlib.nullcontext()
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights and of the model's input."""
+        return dtype(self.precision)
+
+    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        """A normalised float32 batch -> this model's device, dtype and layout."""
+        return prepare_input(batch, self.precision, self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = batch.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            fc7, logits = self.model(x)
+        fc7, logits = self.model(self.prepare(batch))
         return fc7.float().cpu().numpy(), logits.float().cpu().numpy()
 
     needs_image = False  # the reader may drop the PIL image once it is preprocessed
