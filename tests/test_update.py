@@ -319,3 +319,21 @@ def test_index_rebuilds_when_an_add_would_not_do(tmp_path):
                    flat / "embeddings" / "part-00001.parquet")
     again = build_index(str(flat), "flat", progress=False)
     assert again["action"] == "rebuilt" and "part-00001.parquet was rewritten" in again["reason"]
+
+
+def test_an_empty_input_grows_and_a_dry_run_update_only_plans(ray_local, tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    assert pipeline.extract(str(src), str(out), weights="random:0", **SMALL)["counts"]["images"] == 0
+    new = add_images(src, 0, 3)
+    assert main(["extract", str(src), str(out), *small_flags(), "--update", "--dry-run"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert (planned["new_images"], planned["new_shards"], planned["images"]) == (3, 2, 3)
+    assert not (out / "embeddings").exists() or not os.listdir(out / "embeddings")  # no model ran
+    # the dry run committed the generation (shards 0-1, after the empty generation 0): the next
+    # update finds nothing newer and runs those shards
+    result = pipeline.extract(str(src), str(out), weights="random:0", update=True, **SMALL)
+    assert result["runs"][-1]["new_images"] == 0 and result["run"]["images_this_run"] == 3
+    assert [(g["gen"], g["first_shard"], g["num_shards"]) for g in summary(out)["generations"]] == \
+        [(0, 0, 0), (1, 0, 2)]
+    assert_exactly_once(out, new)

@@ -13,6 +13,7 @@ no id may be planned twice across all of them (found out of core, as duplicates 
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -71,12 +72,15 @@ def shard_counts(output: str, storage_options: Optional[dict] = None, check: boo
         report.fail("no complete plan (_plan/_meta.json missing): the job never finished planning")
         return report
     seen_shards = set()
-    gen_images: dict[int, int] = {}  # images seen per generation, by its first shard
-    firsts = sorted(g["first_shard"] for g in generations(meta))
+    gen_images: dict[Optional[int], int] = {}  # images seen per generation (None: in none)
+    spans = sorted((g["first_shard"], g["first_shard"] + g["num_shards"], g["gen"])
+                   for g in generations(meta) if g["num_shards"])
+    starts = [lo for lo, _, _ in spans]
     for shard in iter_shards(output, storage_options):
         seen_shards.add(shard.index)
-        first = max((f for f in firsts if f <= shard.index), default=0)
-        gen_images[first] = gen_images.get(first, 0) + len(shard)
+        at = bisect.bisect_right(starts, shard.index) - 1
+        gen = spans[at][2] if at >= 0 and shard.index < spans[at][1] else None
+        gen_images[gen] = gen_images.get(gen, 0) + len(shard)
         report.shards += 1
         report.images += len(shard)
         emb_ids, emb_schema = _read_ids(fs, join(root, EMBEDDINGS_DIR, part_name(shard.index)))
@@ -126,8 +130,11 @@ def shard_counts(output: str, storage_options: Optional[dict] = None, check: boo
     return report
 
 
-def _check_generations(meta: dict, gen_images: dict[int, int], seen_shards: set[int], report: Report) -> None:
+def _check_generations(meta: dict, gen_images: dict[Optional[int], int], seen_shards: set[int],
+                       report: Report) -> None:
     """Generations follow each other without gap or overlap and hold what ``_meta.json`` says."""
+    if gen_images.get(None):
+        report.fail(f"{gen_images[None]} planned images are in shards of no generation")
     expected_first = 0
     for g in generations(meta):
         label = f"generation {g['gen']}"
@@ -136,8 +143,8 @@ def _check_generations(meta: dict, gen_images: dict[int, int], seen_shards: set[
         shards = set(range(g["first_shard"], g["first_shard"] + g["num_shards"]))
         if not shards <= seen_shards:
             report.fail(f"{label}: {len(shards - seen_shards)} of its {g['num_shards']} shards are not in the plan")
-        if gen_images.get(g["first_shard"], 0) != g["num_items"]:
-            report.fail(f"{label}: plan holds {gen_images.get(g['first_shard'], 0)} images, "
+        if gen_images.get(g["gen"], 0) != g["num_items"]:
+            report.fail(f"{label}: plan holds {gen_images.get(g['gen'], 0)} images, "
                         f"_meta.json says {g['num_items']}")
         expected_first = g["first_shard"] + g["num_shards"]
 

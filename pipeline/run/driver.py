@@ -307,9 +307,10 @@ def run_extract(input_url: str, output: str, cfg: dict, *, storage_options: Opti
     done = done_shards(output, storage_options)
     planned: Optional[dict] = None  # the generation this run plans (None: it only resumes)
     if meta is not None:
-        discard_uncommitted(output, meta, storage_options)  # an update killed while planning
-        if update:
+        if update:  # (which first discards what an update killed while planning left)
             meta, planned = plan_update(input_url, output, cfg, storage_options)
+        else:
+            discard_uncommitted(output, meta, storage_options)  # an update killed while planning
         shards: Iterator[Shard] = iter_shards(output, storage_options)
         total: Optional[int] = meta["num_items"]
         if planned is not None and any(i >= planned["first_shard"] for i in done):
