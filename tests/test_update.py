@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -337,3 +338,39 @@ def test_an_empty_input_grows_and_a_dry_run_update_only_plans(ray_local, tmp_pat
     assert [(g["gen"], g["first_shard"], g["num_shards"]) for g in summary(out)["generations"]] == \
         [(0, 0, 0), (1, 0, 2)]
     assert_exactly_once(out, new)
+
+
+# ----------------------------------------------------------------------------- the plan, no model
+
+def test_update_plan_is_found_bucket_group_by_group(tmp_path, monkeypatch):
+    """Many small DuckDB groups, several plan parts and row groups: the new generation holds
+    exactly the unheld ids in listing order, later copies flagged, and ``plan_repeats`` (what
+    ``verify`` runs) sees an id planned twice once the flags are wrong."""
+    from pipeline.input import plan
+    monkeypatch.setattr(plan, "DEDUP_GROUP_ROWS", 64)
+    monkeypatch.setattr(plan, "PART_ROWS", 300)
+    monkeypatch.setattr(plan, "GROUP_ROWS", 100)
+    manifest = tmp_path / "m.txt"
+    old = [f"a/{i:04d}.jpg" for i in range(1000)] + ["a/0007.jpg"]  # one later copy
+    manifest.write_text("\n".join(old) + "\n")
+    out = tmp_path / "out"
+    cfg = {"input": {"shard_size": 64, "extensions": ["jpg"]}}
+    list(plan.build_plan(str(manifest), str(out), cfg, "fp"))
+    assert plan.plan_repeats(str(out)) == (0, [])
+
+    grown = old + [f"b/{i:04d}.jpg" for i in range(500)] + old[:300] + ["b/0003.jpg"]
+    manifest.write_text("\n".join(grown) + "\n")
+    meta, gen = plan.plan_update(str(manifest), str(out), cfg)
+    assert (gen["first_shard"], gen["num_items"], gen["num_duplicates"]) == (16, 501, 1)
+    assert len(meta["parts"]) == 4 + 2 and meta["num_items"] == 1001 + 501
+    new_shards = [s for s in plan.iter_shards(str(out)) if s.index >= 16]
+    assert [i for s in new_shards for i in s.ids] == [f"b/{i:04d}.jpg" for i in range(500)] + ["b/0003.jpg"]
+    assert [d for s in new_shards for d in s.duplicate] == [False] * 500 + [True]
+    assert [len(s) for s in new_shards] == [64] * 7 + [53]
+    assert plan.plan_update(str(manifest), str(out), cfg)[1] is None  # nothing new the second time
+    assert plan.plan_repeats(str(out)) == (0, [])
+
+    first = out / "_plan" / "part-00003.parquet"  # holds the flagged copy of a/0007.jpg
+    table = pq.read_table(first)
+    pq.write_table(table.set_column(4, "duplicate", pa.array([False] * table.num_rows)), first)
+    assert plan.plan_repeats(str(out)) == (1, ["a/0007.jpg"])

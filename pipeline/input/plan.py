@@ -255,10 +255,9 @@ def build_plan(input_url: str, output: str, cfg: dict, fingerprint: str,
         writer.flush()
         parts = writer.parts
     else:
-        with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp:
-            listing = _Listing(tmp)
+        with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp, _Listing(tmp) as listing:
             listing.write(manifest_batches(in_fs, in_path))
-            dup_set = listing.close_and_rank()
+            dup_set = pa.array(listing.buckets.duplicate_seqs(), pa.int64())
             parts = _write_selected(listing, None, dup_set, shard_size, 0, fs, pdir)
             num_items, num_duplicates = listing.rows, len(dup_set)
         for shard in iter_shards(output, storage_options, parts=parts):
@@ -299,8 +298,7 @@ def plan_update(input_url: str, output: str, cfg: dict, storage_options: Optiona
     stats = ListingStats(kind=kind)
     shard_size = cfg["input"]["shard_size"]
     first_shard = meta["num_shards"]
-    with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp:
-        listing = _Listing(tmp, held=True)
+    with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp, _Listing(tmp, held=True) as listing:
         if kind == "manifest":
             listing.write(manifest_batches(in_fs, in_path))
         else:
@@ -310,7 +308,8 @@ def plan_update(input_url: str, output: str, cfg: dict, storage_options: Optiona
             with fs.open(join(pdir, part), "rb") as f:
                 for table in _row_groups(pq.ParquetFile(f), ["id"]):
                     listing.buckets.add_held(table.column("id"))
-        keep, dup_set = listing.close_and_select_new()
+        keep, dup = listing.buckets.new_seqs()
+        dup_set = pa.array(dup, pa.int64())
         listed = listing.rows
         parts = _write_selected(listing, keep, dup_set, shard_size, first_shard, fs,
                                 join(pdir, gen_name)) if len(keep) else []
@@ -349,41 +348,27 @@ def _pair_batches(items: Iterable[tuple[str, str]]) -> Iterator[tuple[pa.Array, 
 
 class _Listing:
     """A listing spilled to local scratch: rows to ``raw.parquet`` (read back once, in order),
-    ids hash-partitioned into :class:`_IdBuckets`."""
+    ids hash-partitioned into :class:`_IdBuckets` (closed when the ``with`` block ends)."""
 
     def __init__(self, directory: str, held: bool = False) -> None:
         self.raw = os.path.join(directory, "raw.parquet")
         self.buckets = _IdBuckets(directory, held=held)
         self.rows = 0
 
+    def __enter__(self) -> "_Listing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.buckets.close()
+
     def write(self, batches: Iterator[tuple[pa.Array, pa.Array]]) -> None:
-        try:
-            # A scratch file read back once: no compression, no dictionaries (values are mostly unique).
-            with pq.ParquetWriter(self.raw, _RAW_SCHEMA, compression="none", use_dictionary=False) as w:
-                for ids, uris in batches:
-                    seq = pa.array(np.arange(self.rows, self.rows + len(ids), dtype=np.int64))
-                    w.write_table(pa.table([seq, ids, uris], schema=_RAW_SCHEMA))
-                    self.buckets.add(seq, ids)
-                    self.rows += len(ids)
-        except BaseException:
-            self.buckets.close()
-            raise
-
-    def close_and_rank(self) -> pa.Array:
-        """Positions of every later copy of an id (then the buckets are closed)."""
-        try:
-            return pa.array(self.buckets.duplicate_seqs(), pa.int64())
-        finally:
-            self.buckets.close()
-
-    def close_and_select_new(self) -> tuple[np.ndarray, pa.Array]:
-        """``(keep, duplicates)``: sorted positions of rows whose id is not held, and the later
-        copies among them (then the buckets are closed)."""
-        try:
-            keep, dup = self.buckets.new_seqs()
-            return keep, pa.array(dup, pa.int64())
-        finally:
-            self.buckets.close()
+        # A scratch file read back once: no compression, no dictionaries (values are mostly unique).
+        with pq.ParquetWriter(self.raw, _RAW_SCHEMA, compression="none", use_dictionary=False) as w:
+            for ids, uris in batches:
+                seq = pa.array(np.arange(self.rows, self.rows + len(ids), dtype=np.int64))
+                w.write_table(pa.table([seq, ids, uris], schema=_RAW_SCHEMA))
+                self.buckets.add(seq, ids)
+                self.rows += len(ids)
 
 
 def _write_selected(listing: _Listing, keep: Optional[np.ndarray], dup_set: pa.Array, shard_size: int,
