@@ -26,7 +26,6 @@ import pytest
 
 import pipeline
 from pipeline.cli import main
-from pipeline.errors import UsageError
 from pipeline.input.plan import iter_shards, plan_update, read_meta
 from pipeline.output.verify import verify
 from pipeline.retrieval.index import build_index, load_index
