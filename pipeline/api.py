@@ -30,12 +30,15 @@ def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
 def extract(input: str, output: str, /, *, weights: Optional[str] = None, conf: Optional[str] = None,
             storage_options: Optional[dict] = None, address: Optional[str] = None,
             overwrite: bool = False, dry_run: bool = False, progress: bool = False,
-            **overrides: Any) -> dict:
+            update: bool = False, **overrides: Any) -> dict:
     """Extract fc7 + logits for every image of ``input`` into ``output``; returns the run summary.
 
     ``overrides`` are config keys, either as sections (``model={"arch": "vgg11"}``,
     ``input={"shard_size": 100}``) or with ``__`` for the dot (``runtime__batch_size=16``).  Raises :class:`pipeline.errors.UsageError`
     for bad arguments and :class:`pipeline.errors.JobFailed` if the job cannot finish.
+
+    ``update=True`` is ``extract --update``: the images of ``input`` that ``output`` does not hold
+    yet are added as new shards; the summary's ``runs[-1]["new_images"]`` says how many.
     """
     from .run.driver import run_extract
     values = _dotted(overrides)
@@ -43,7 +46,7 @@ def extract(input: str, output: str, /, *, weights: Optional[str] = None, conf: 
         values["model.weights"] = weights
     cfg = load_config(conf, values=values)
     return run_extract(input, output, cfg, storage_options=storage_options, address=address,
-                       overwrite=overwrite, dry_run=dry_run, progress=progress)
+                       overwrite=overwrite, dry_run=dry_run, progress=progress, update=update)
 
 
 def load_embeddings(output: str, column: str = "fc7", *, normalize: bool = False,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -11,12 +12,16 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
+import fsspec
+import numpy as np
 import psutil
-import pytest
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,3 +241,86 @@ def require_program(name: str, installed_by: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+# -- waiting on a running job (resume, update tests) --------------------------------------
+
+def wait_for_parts(proc: subprocess.Popen, out: Path, n: int, log: Path) -> None:
+    """Until ``n`` shards are written (the job cannot end before: it hangs in a later shard)."""
+    while parts_written(out) < n:
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended (exit {proc.returncode}) before {n} shards were written:\n"
+                        f"{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def wait_session_gone(sid: int) -> None:
+    """Wait for every process of session ``sid`` (driver, raylet, orphaned actors) to exit."""
+    while True:
+        left = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(proc)
+            except (OSError, psutil.Error):
+                continue
+        if not left:
+            return
+        time.sleep(0.2)
+
+
+def snapshot(out: Path) -> dict[str, tuple[int, str]]:
+    """``{embeddings|errors/part: (mtime_ns, sha256)}`` of every part file."""
+    snap = {}
+    for sub in ("embeddings", "errors"):
+        for path in sorted((out / sub).glob("part-*.parquet")) if (out / sub).exists() else []:
+            snap[f"{sub}/{path.name}"] = (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return snap
+
+
+# -- hand-made outputs (index, search, update tests) -------------------------------------
+
+FC7 = 4096
+META = {"model": {"arch": "vgg16", "descriptor": "fc7"}, "weights": {"name": "random:0"},
+        "dtypes": {"fc7": "float16"}}
+
+
+def clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
+    """Non-negative clustered vectors (fc7 is post-ReLU), distinct enough to survive float16."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    x = centres[rng.integers(clusters, size=n)] + 0.7 * rng.standard_normal((n, d)).astype(np.float32)
+    return np.maximum(x, 0)
+
+
+def write_output(root: str, fc7: np.ndarray, sizes: list[int], *, fc7_dtype=np.float16,
+                 descriptor: np.ndarray | None = None, fs=None) -> list[str]:
+    """Write ``OUTPUT/embeddings/part-NNNNN.parquet`` files of ``sizes`` rows; returns the ids."""
+    assert sum(sizes) == len(fc7)
+    fs = fs or fsspec.filesystem("file")
+    rng = np.random.default_rng(1)
+    ids = [f"img/{i:05d}.jpg" for i in range(len(fc7))]
+    start = 0
+    for shard, size in enumerate(sizes):
+        rows = slice(start, start + size)
+        value_type = pa.float16() if fc7_dtype == np.float16 else pa.float32()
+        cols = {
+            "id": pa.array(ids[rows], pa.string()),
+            "uri": pa.array([f"/data/{i}" for i in ids[rows]], pa.string()),
+            "fc7": pa.FixedSizeListArray.from_arrays(
+                pa.array(fc7[rows].astype(fc7_dtype).ravel(), value_type), FC7),
+            "logits": pa.FixedSizeListArray.from_arrays(
+                pa.array(rng.standard_normal(size * 1000).astype(np.float32)), 1000),
+            "width": pa.array(np.full(size, 640, np.int32)),
+            "height": pa.array(np.full(size, 480, np.int32)),
+        }
+        if descriptor is not None:
+            cols["descriptor"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(descriptor[rows].astype(np.float32).ravel()), descriptor.shape[1])
+        table = pa.table(cols).replace_schema_metadata(
+            {b"vgg_pipeline": json.dumps({**META, "shard": shard})})
+        fs.makedirs(f"{root}/embeddings", exist_ok=True)
+        with fs.open(f"{root}/embeddings/part-{shard:05d}.parquet", "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        start += size
+    return ids

@@ -17,18 +17,13 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.output.embeddings import (Embeddings, embedding_files, iter_embeddings, l2_normalize,
                                  load_embeddings, vector_matrix, vectors_for_ids)
 from pipeline.errors import UsageError
 from pipeline.retrieval.index import LoadedIndex, build_index, load_index, make_index
-
-FC7 = 4096
-META = {"model": {"arch": "vgg16", "descriptor": "fc7"}, "weights": {"name": "random:0"},
-        "dtypes": {"fc7": "float16"}}
-
+from tests.helpers import FC7, clustered, write_output
 
 @pytest.fixture(autouse=True)
 def one_faiss_thread():
@@ -37,47 +32,6 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
-
-
-def clustered(n: int, d: int, clusters: int, seed: int = 0) -> np.ndarray:
-    """Non-negative clustered vectors (fc7 is post-ReLU), distinct enough to survive float16."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, d)).astype(np.float32)
-    x = centres[rng.integers(clusters, size=n)] + 0.7 * rng.standard_normal((n, d)).astype(np.float32)
-    return np.maximum(x, 0)
-
-
-def write_output(root: str, fc7: np.ndarray, sizes: list[int], *, fc7_dtype=np.float16,
-                 descriptor: np.ndarray | None = None, fs=None) -> list[str]:
-    """Write ``OUTPUT/embeddings/part-NNNNN.parquet`` files of ``sizes`` rows; returns the ids."""
-    assert sum(sizes) == len(fc7)
-    fs = fs or fsspec.filesystem("file")
-    rng = np.random.default_rng(1)
-    ids = [f"img/{i:05d}.jpg" for i in range(len(fc7))]
-    start = 0
-    for shard, size in enumerate(sizes):
-        rows = slice(start, start + size)
-        value_type = pa.float16() if fc7_dtype == np.float16 else pa.float32()
-        cols = {
-            "id": pa.array(ids[rows], pa.string()),
-            "uri": pa.array([f"/data/{i}" for i in ids[rows]], pa.string()),
-            "fc7": pa.FixedSizeListArray.from_arrays(
-                pa.array(fc7[rows].astype(fc7_dtype).ravel(), value_type), FC7),
-            "logits": pa.FixedSizeListArray.from_arrays(
-                pa.array(rng.standard_normal(size * 1000).astype(np.float32)), 1000),
-            "width": pa.array(np.full(size, 640, np.int32)),
-            "height": pa.array(np.full(size, 480, np.int32)),
-        }
-        if descriptor is not None:
-            cols["descriptor"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(descriptor[rows].astype(np.float32).ravel()), descriptor.shape[1])
-        table = pa.table(cols).replace_schema_metadata(
-            {b"vgg_pipeline": json.dumps({**META, "shard": shard})})
-        fs.makedirs(f"{root}/embeddings", exist_ok=True)
-        with fs.open(f"{root}/embeddings/part-{shard:05d}.parquet", "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-        start += size
-    return ids
 
 
 @pytest.fixture(scope="module")

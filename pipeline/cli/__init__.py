@@ -34,6 +34,7 @@ EPILOG = """examples:
   vgg-pipeline extract ./photos ./out --weights imagenet
   vgg-pipeline extract s3://bucket/images/ s3://bucket/features/ --conf conf/gpu.yaml
   vgg-pipeline extract manifest.csv ./out --set model.arch=vgg19 --set runtime.batch_size=128
+  vgg-pipeline extract s3://bucket/images/ s3://bucket/features/ --update   # add only new images
   vgg-pipeline verify ./out
   vgg-pipeline index ./out --kind hnsw && vgg-pipeline search ./out query.jpg --k 5
 

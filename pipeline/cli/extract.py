@@ -22,6 +22,9 @@ def extract_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set runtime.batch_size=32; repeatable")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a private local one)")
     p.add_argument("--overwrite", action="store_true", help="replace an OUTPUT made by a different job")
+    p.add_argument("--update", action="store_true",
+                   help="re-list INPUT and add the images OUTPUT does not hold yet as new shards "
+                        "(finished shards are kept; removed images keep their rows)")
     p.add_argument("--dry-run", action="store_true", help="list and plan only: write _plan/, print counts")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     storage_option_argument(p)
@@ -54,11 +57,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
         logging.getLogger("pipeline.run.driver").setLevel(logging.INFO)
     summary = run_extract(args.input, args.output, cfg, storage_options=storage, address=args.address,
                           overwrite=args.overwrite, dry_run=args.dry_run,
-                          progress=show_bar)
+                          progress=show_bar, update=args.update)
     if args.dry_run:
         print(json.dumps(summary))
         return 0
     c, r = summary["counts"], summary["run"]
+    if args.update:
+        last = summary["runs"][-1]
+        print(f"update: {last['new_images']} new images in {last['new_shards']} new shards"
+              if last["new_images"] else "update: nothing new in the input")
     print(f"done: {c['images']} images in {c['shards']} shards -> {c['embedded']} embedded, "
           f"{c['errors']} errors; this run {r['images_this_run']} images in {r['wall_s']}s "
           f"({r['img_per_s']} img/s), {r['shards_resumed']} shards resumed, {r['retries']} retries")

@@ -45,9 +45,17 @@ def cmd_index(args: argparse.Namespace) -> int:
     from ..retrieval.search import default_kind
     so = parse_storage_options(args.storage_option)
     kind = args.kind if args.kind != "auto" else default_kind(count_rows(args.output, so))
-    params = build_index(args.output, kind, args.column, storage_options=so, progress=not args.quiet)
-    print(f"built {kind} index of {params['rows']} x {params['dim']} ({args.column}) in "
-          f"{params['build_seconds']}s under {args.output.rstrip('/')}/{layout.INDEX_DIR}/")
+    p = build_index(args.output, kind, args.column, storage_options=so, progress=not args.quiet)
+    where = f"{args.output.rstrip('/')}/{layout.INDEX_DIR}/"
+    size = f"{p['rows']} x {p['dim']} ({args.column})"
+    if p["action"] == "unchanged":
+        print(f"{kind} index of {size} under {where} is up to date: no new part files")
+    elif p["action"] == "added":
+        print(f"added {p['rows_added']} rows to the {kind} index, now {size}, in {p['build_seconds']}s "
+              f"under {where}")
+    else:  # built, or rebuilt (then with the reason an add would not do)
+        why = f" ({p['reason']})" if p["action"] == "rebuilt" else ""
+        print(f"{p['action']} {kind} index of {size} in {p['build_seconds']}s under {where}{why}")
     return 0
 
 

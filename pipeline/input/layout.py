@@ -3,6 +3,7 @@
 ::
 
     OUTPUT/_plan/part-NNNNN.parquet           the plan, in parts (input.plan)
+    OUTPUT/_plan/gen-NNNN/part-NNNNN.parquet  the shards each ``extract --update`` added
     OUTPUT/_plan/_meta.json                   written last: the plan is complete
     OUTPUT/embeddings/part-NNNNN.parquet      one per shard, written last: the shard's commit marker
     OUTPUT/errors/part-NNNNN.parquet          at most one per shard (output.writer)
@@ -38,6 +39,7 @@ ENTRIES = (PLAN_DIR, EMBEDDINGS_DIR, ERRORS_DIR, INDEX_DIR, SUCCESS)
 SHARD_DIRS = (EMBEDDINGS_DIR, ERRORS_DIR)
 
 PART_PREFIX = "part-"
+GENERATION_PREFIX = "gen-"
 PART_SUFFIX = ".parquet"
 PART_GLOB = f"{PART_PREFIX}*{PART_SUFFIX}"
 _PART_RE = re.compile(rf"^{PART_PREFIX}(\d{{5,}}){re.escape(PART_SUFFIX)}$")
@@ -48,6 +50,15 @@ INDEX_SUFFIXES = {"faiss": ".faiss", "ids": ".ids.parquet", "json": ".json"}
 def part_name(number: int) -> str:
     """``part-NNNNN.parquet``: shard ``number``'s embeddings/errors file, or plan part ``number``."""
     return f"{PART_PREFIX}{number:05d}{PART_SUFFIX}"
+
+
+def plan_generation(gen: int) -> str:
+    """``gen-NNNN``: the folder under ``_plan/`` of generation ``gen`` (1, 2, ...; 0 is ``_plan/``)."""
+    return f"{GENERATION_PREFIX}{gen:04d}"
+
+
+def is_plan_generation(name: str) -> bool:
+    return name.startswith(GENERATION_PREFIX)
 
 
 def part_number(name: str) -> Optional[int]:

@@ -1,14 +1,41 @@
 """The plan (DESIGN §3): the listing cut into shards, written once to ``OUTPUT/_plan/``.
 
 Plan parts are Parquet files with columns ``shard`` (int32), ``seq`` (int64, position in the
-listing), ``id``, ``uri`` and ``duplicate`` (a later copy of an id: it becomes a ``stage=list``
-error row).  ``_plan/_meta.json`` is written last; a plan without it is incomplete and rebuilt.
+listing the generation was planned from), ``id``, ``uri`` and ``duplicate`` (a later copy of an
+id: it becomes a ``stage=list`` error row).  ``_plan/_meta.json`` is written last; a plan
+without it is incomplete and rebuilt.
 
 Folder, bucket, glob and tar listings have unique ids by construction, so their plan streams:
 :func:`build_plan` yields each shard as soon as it is cut, while the listing goes on.  Manifests
 may repeat ids; they are planned completely first, column-wise (a million lines in a few
 seconds), and their duplicates are found out of core: the ids are hash-partitioned to local
 disk and DuckDB ranks one partition at a time, so memory stays flat as the manifest grows.
+
+Generations (``extract --update``, :func:`plan_update`).  The first plan is generation 0, its
+parts directly in ``_plan/``.  An update re-lists the input into local scratch files, hashes the
+listed ids *and* every id already planned into the same buckets, and lets DuckDB keep, bucket
+by bucket, the listed ids that no generation holds yet (an anti-join; memory is one bucket
+group plus 8 bytes per new image).  Those become generation ``g`` in ``_plan/gen-000g/``, with
+shard numbers following the last existing shard.  ``_meta.json`` lists every committed part
+(``parts``, relative to ``_plan/``, in shard order) and every generation (``generations``:
+when, first shard, shards, images, duplicates).  Readers only ever read the parts that
+``_meta.json`` lists, so the crash windows of an update are:
+
+1. killed while listing or while writing ``gen-000g/`` parts (``_meta.json`` not yet replaced):
+   generation ``g`` does not exist for anyone; no shard of it can have run (shards of an update
+   run only after the commit).  Any rerun removes the uncommitted ``gen-*`` directory first
+   (:func:`discard_uncommitted`); ``--update`` plans it again from a fresh listing, a plain
+   rerun resumes the committed generations.
+2. killed after ``_meta.json`` was replaced (one atomic write: the commit), with some of the new
+   shards written: the new ids are now *planned*, so a rerun with ``--update`` does not plan
+   them again (the anti-join is against planned ids, not written ones) and finishes the
+   unfinished shards with whatever is new since; a plain rerun resumes the unfinished shards.
+3. killed after the last shard, before ``_SUCCESS.json``: any rerun writes it; the generation
+   record in ``_meta.json`` still says when and how many images it added.
+
+Exactly once therefore holds across generations as it holds within one: every id is planned
+once (later copies flagged ``duplicate``), and every planned shard is committed by its
+embeddings file.  One writer at a time per OUTPUT is assumed, as for every run.
 """
 
 from __future__ import annotations
@@ -20,7 +47,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -29,10 +56,11 @@ import pyarrow.parquet as pq
 
 from . import layout
 from .sources import ListingStats, list_input, manifest_batches, open_input
-from .storage import exists, join, ls, open_read, read_file, url_to_fs, with_retries, write_atomic
+from .storage import exists, join, ls, open_read, read_file, to_uri, url_to_fs, with_retries, write_atomic
 
 log = logging.getLogger(__name__)
 
+META_VERSION = 2  # 2: ``generations`` and generation directories (version 1 plans read as generation 0)
 PART_ROWS = 200_000  # rows per plan part file
 GROUP_ROWS = 32_768  # rows per Parquet row group: what planning and reading back hold at once
 ID_BUCKETS = 64  # hash partitions of a manifest's ids (local scratch files)
@@ -41,6 +69,7 @@ PLAN_SCHEMA = pa.schema([("shard", pa.int32()), ("seq", pa.int64()), ("id", pa.s
                          ("uri", pa.string()), ("duplicate", pa.bool_())])
 _RAW_SCHEMA = pa.schema([("seq", pa.int64()), ("id", pa.string()), ("uri", pa.string())])
 _BUCKET_SCHEMA = pa.schema([("seq", pa.int64()), ("id", pa.string())])
+_HELD_SCHEMA = pa.schema([("id", pa.string())])
 
 
 @dataclass
@@ -77,6 +106,35 @@ def read_meta(output: str, storage_options: Optional[dict] = None) -> Optional[d
         return json.loads(read_file(fs, path))
     except FileNotFoundError:
         return None
+
+
+def generations(meta: dict) -> list[dict]:
+    """The plan's generations, oldest first; a version-1 plan is one generation 0."""
+    if meta.get("generations"):
+        return meta["generations"]
+    return [{"gen": 0, "first_shard": 0, "num_shards": meta.get("num_shards", 0),
+             "num_items": meta.get("num_items", 0), "num_duplicates": meta.get("num_duplicates", 0),
+             "shard_size": meta.get("shard_size"), "parts": list(meta.get("parts", [])),
+             "skipped": meta.get("skipped", {}), "created_at": meta.get("created_at")}]
+
+
+def discard_uncommitted(output: str, meta: Optional[dict], storage_options: Optional[dict] = None) -> int:
+    """Remove ``_plan/gen-*`` directories that ``meta`` does not list: what an update killed while
+    planning leaves (crash window 1 of the module docstring).  Returns how many were removed."""
+    fs, pdir = url_to_fs(plan_dir(output), storage_options)
+    committed = {p.split("/", 1)[0] for p in (meta or {}).get("parts", []) if "/" in p}
+    try:
+        entries = ls(fs, pdir, detail=False)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for entry in entries:
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if layout.is_plan_generation(name) and name not in committed:
+            with_retries(lambda: fs.rm(entry, recursive=True), to_uri(fs, entry))
+            removed += 1
+            log.info("removed %s/%s: an update's plan that was never committed", layout.PLAN_DIR, name)
+    return removed
 
 
 class _PartSink:
@@ -166,9 +224,13 @@ def _cut_shards(items: Iterator[tuple[str, str]], shard_size: int) -> Iterator[S
         yield Shard(index, ids, uris, [False] * len(ids))
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
 def build_plan(input_url: str, output: str, cfg: dict, fingerprint: str,
                storage_options: Optional[dict] = None) -> Iterator[Shard]:
-    """List ``input_url``, write ``OUTPUT/_plan/`` and yield every shard in order.
+    """List ``input_url``, write ``OUTPUT/_plan/`` (generation 0) and yield every shard in order.
 
     For streaming kinds the shards are yielded while the listing goes on; ``_meta.json`` is
     written when the generator is exhausted.
@@ -191,117 +253,281 @@ def build_plan(input_url: str, output: str, cfg: dict, fingerprint: str,
         writer.flush()
         parts = writer.parts
     else:
-        parts, num_items, num_duplicates = _plan_manifest(
-            manifest_batches(in_fs, in_path), shard_size, fs, pdir)
-        for shard in (iter_shards(output, storage_options) if parts else ()):
+        with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp, _Listing(tmp) as listing:
+            listing.write(manifest_batches(in_fs, in_path))
+            dup_set = pa.array(listing.buckets.duplicate_seqs(), pa.int64())
+            parts = _write_selected(listing, None, dup_set, shard_size, 0, fs, pdir)
+            num_items, num_duplicates = listing.rows, len(dup_set)
+        for shard in iter_shards(output, storage_options, parts=parts):
             num_shards += 1
             yield shard
+    created = _now()
+    gen0 = {"gen": 0, "first_shard": 0, "num_shards": num_shards, "num_items": num_items,
+            "num_duplicates": num_duplicates, "shard_size": shard_size, "parts": parts,
+            "skipped": stats.skipped, "created_at": created}
     meta = {
-        "version": 1, "input": input_url, "kind": kind, "fingerprint": fingerprint,
+        "version": META_VERSION, "input": input_url, "kind": kind, "fingerprint": fingerprint,
         "shard_size": shard_size, "num_items": num_items, "num_shards": num_shards,
         "num_duplicates": num_duplicates, "skipped": stats.skipped, "parts": parts,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "generations": [gen0], "created_at": created,
     }
     write_atomic(fs, join(pdir, layout.PLAN_META_NAME), json.dumps(meta, indent=2).encode())
     log.info("plan: %d images in %d shards (%d duplicate ids, skipped %s)",
              num_items, num_shards, num_duplicates, stats.skipped)
 
 
-def _plan_manifest(batches: Iterator[tuple[pa.Array, pa.Array]], shard_size: int, fs,
-                   pdir: str) -> tuple[list[str], int, int]:
-    """Plan a manifest column-wise: rows to a local scratch file (ids also hash-partitioned into
-    buckets), later duplicate ids found bucket by bucket, then the plan parts written."""
-    with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp:
-        raw = os.path.join(tmp, "raw.parquet")
-        buckets = _IdBuckets(tmp)
-        try:
-            num_items = 0
-            # A scratch file read back once: no compression, no dictionaries (values are mostly unique).
-            with pq.ParquetWriter(raw, _RAW_SCHEMA, compression="none", use_dictionary=False) as w:
-                for ids, uris in batches:
-                    seq = pa.array(np.arange(num_items, num_items + len(ids), dtype=np.int64))
-                    w.write_table(pa.table([seq, ids, uris], schema=_RAW_SCHEMA))
-                    buckets.add(seq, ids)
-                    num_items += len(ids)
-            dup_set = pa.array(buckets.duplicate_seqs(), pa.int64())
-        finally:
-            buckets.close()
-        sink = _PartSink(fs, pdir)
-        for batch in _row_groups(pq.ParquetFile(raw)):
-            seq = batch.column("seq")
-            sink.write(pa.table({
-                "shard": (seq.to_numpy() // shard_size).astype(np.int32), "seq": seq,
-                "id": batch.column("id"), "uri": batch.column("uri"),
-                "duplicate": pc.is_in(seq, value_set=dup_set),
-            }, schema=PLAN_SCHEMA))
-        sink.close()
-    return sink.parts, num_items, len(dup_set)
+def plan_update(input_url: str, output: str, cfg: dict, storage_options: Optional[dict] = None
+                ) -> tuple[dict, Optional[dict]]:
+    """Plan the ids of ``input_url`` that no committed generation of ``output`` holds as a new
+    generation; returns ``(meta, generation)`` (``generation`` None: nothing new, nothing written).
+
+    Ids already planned keep their rows, whatever their uri is now; ids gone from the input keep
+    theirs too.  ``_meta.json`` is replaced last: that write commits the generation.
+    """
+    kind, in_fs, in_path = open_input(input_url, storage_options)
+    meta = read_meta(output, storage_options)
+    if meta is None:
+        raise ValueError(f"{output} has no complete plan to update")
+    discard_uncommitted(output, meta, storage_options)
+    gens = generations(meta)
+    gen = gens[-1]["gen"] + 1
+    gen_name = layout.plan_generation(gen)
+    fs, pdir = url_to_fs(plan_dir(output), storage_options)
+    stats = ListingStats(kind=kind)
+    shard_size = cfg["input"]["shard_size"]
+    first_shard = meta["num_shards"]
+    with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp, _Listing(tmp, held=True) as listing:
+        if kind == "manifest":
+            listing.write(manifest_batches(in_fs, in_path))
+        else:
+            listing.write(_pair_batches(list_input(input_url, cfg["input"]["extensions"],
+                                                   storage_options, stats)))
+        for part in meta.get("parts", []):
+            with open_read(fs, join(pdir, part)) as f:
+                for table in _row_groups(pq.ParquetFile(f), ["id"]):
+                    listing.buckets.add_held(table.column("id"))
+        keep, dup = listing.buckets.new_seqs()
+        dup_set = pa.array(dup, pa.int64())
+        listed = listing.rows
+        parts = _write_selected(listing, keep, dup_set, shard_size, first_shard, fs,
+                                join(pdir, gen_name)) if len(keep) else []
+    if not len(keep):
+        log.info("update: %d images listed, none new (%d already planned)", listed, meta["num_items"])
+        return meta, None
+    num_shards = -(-len(keep) // shard_size)
+    entry = {"gen": gen, "first_shard": first_shard, "num_shards": num_shards, "num_items": len(keep),
+             "num_duplicates": len(dup_set), "shard_size": shard_size,
+             "parts": [f"{gen_name}/{p}" for p in parts], "listed": listed,
+             "skipped": stats.skipped, "created_at": _now()}
+    new_meta = dict(meta, version=META_VERSION, num_items=meta["num_items"] + len(keep),
+                    num_shards=first_shard + num_shards,
+                    num_duplicates=meta.get("num_duplicates", 0) + len(dup_set),
+                    skipped=stats.skipped, parts=list(meta.get("parts", [])) + entry["parts"],
+                    generations=gens + [entry], updated_at=entry["created_at"])
+    write_atomic(fs, join(pdir, layout.PLAN_META_NAME), json.dumps(new_meta, indent=2).encode())
+    log.info("update: %d images listed, %d new in shards %d-%d (generation %d, %d duplicate ids)",
+             listed, len(keep), first_shard, first_shard + num_shards - 1, gen, len(dup_set))
+    return new_meta, entry
+
+
+def _pair_batches(items: Iterable[tuple[str, str]]) -> Iterator[tuple[pa.Array, pa.Array]]:
+    """``(id, uri)`` pairs as string column batches of ``GROUP_ROWS``."""
+    ids: list[str] = []
+    uris: list[str] = []
+    for i, u in items:
+        ids.append(i)
+        uris.append(u)
+        if len(ids) == GROUP_ROWS:
+            yield pa.array(ids, pa.string()), pa.array(uris, pa.string())
+            ids, uris = [], []
+    if ids:
+        yield pa.array(ids, pa.string()), pa.array(uris, pa.string())
+
+
+class _Listing:
+    """A listing spilled to local scratch: rows to ``raw.parquet`` (read back once, in order),
+    ids hash-partitioned into :class:`_IdBuckets` (closed when the ``with`` block ends)."""
+
+    def __init__(self, directory: str, held: bool = False) -> None:
+        self.raw = os.path.join(directory, "raw.parquet")
+        self.buckets = _IdBuckets(directory, held=held)
+        self.rows = 0
+
+    def __enter__(self) -> "_Listing":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.buckets.close()
+
+    def write(self, batches: Iterator[tuple[pa.Array, pa.Array]]) -> None:
+        # A scratch file read back once: no compression, no dictionaries (values are mostly unique).
+        with pq.ParquetWriter(self.raw, _RAW_SCHEMA, compression="none", use_dictionary=False) as w:
+            for ids, uris in batches:
+                seq = pa.array(np.arange(self.rows, self.rows + len(ids), dtype=np.int64))
+                w.write_table(pa.table([seq, ids, uris], schema=_RAW_SCHEMA))
+                self.buckets.add(seq, ids)
+                self.rows += len(ids)
+
+
+def _write_selected(listing: _Listing, keep: Optional[np.ndarray], dup_set: pa.Array, shard_size: int,
+                    first_shard: int, fs, directory: str) -> list[str]:
+    """Write the rows of ``listing`` at positions ``keep`` (None: all), in order, as plan parts;
+    the k-th kept row goes to shard ``first_shard + k // shard_size``."""
+    sink = _PartSink(fs, directory)
+    for batch in _row_groups(pq.ParquetFile(listing.raw)):
+        seq = batch.column("seq").to_numpy()
+        if keep is None:
+            rank = seq
+        else:
+            if not len(seq):
+                continue
+            lo, hi = np.searchsorted(keep, [seq[0], seq[-1] + 1])
+            chosen = keep[lo:hi]
+            if not len(chosen):
+                continue
+            batch = batch.take(pa.array(chosen - seq[0]))  # raw seq is contiguous: an offset
+            seq, rank = chosen, np.arange(lo, hi, dtype=np.int64)
+        sink.write(pa.table({
+            "shard": (first_shard + rank // shard_size).astype(np.int32), "seq": seq,
+            "id": batch.column("id"), "uri": batch.column("uri"),
+            "duplicate": pc.is_in(pa.array(seq), value_set=dup_set),
+        }, schema=PLAN_SCHEMA))
+    sink.close()
+    return sink.parts
 
 
 class _IdBuckets:
-    """``(seq, id)`` rows hash-partitioned into ``ID_BUCKETS`` Arrow files on local disk.
+    """``(seq, id)`` rows hash-partitioned into ``ID_BUCKETS`` Arrow files on local disk, and
+    (``held=True``) the ids an output already holds, partitioned by the same hash.
 
-    Copies of an id land in the same bucket, so duplicates are found a few buckets at a time
-    (``DEDUP_GROUP_ROWS`` ids at most): memory stays flat, time is linear in the manifest.
+    Copies of an id land in the same bucket, so duplicates (and held ids) are found a few
+    buckets at a time (``DEDUP_GROUP_ROWS`` ids at most): memory stays flat, time is linear.
     """
 
-    def __init__(self, directory: str) -> None:
-        import duckdb  # only manifests need it
+    def __init__(self, directory: str, held: bool = False) -> None:
+        import duckdb  # only manifests and updates need it
 
         self.paths = [os.path.join(directory, f"ids-{b:03d}.arrow") for b in range(ID_BUCKETS)]
+        self.held_paths = [os.path.join(directory, f"held-{b:03d}.arrow") for b in range(ID_BUCKETS)] \
+            if held else []
         self.rows = [0] * ID_BUCKETS
-        self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        self.held_rows = [0] * ID_BUCKETS
+        self._writers: dict[str, pa.ipc.RecordBatchStreamWriter] = {}
         self._con = duckdb.connect()
         self._con.execute("SET threads = 1")  # ordered output; the planner is one stream anyway
 
     def add(self, seq: pa.Array, ids: pa.Array) -> None:
-        self._con.register("block", pa.table({"id": ids}))
+        self._spread(pa.record_batch([seq, ids], schema=_BUCKET_SCHEMA), self.paths, self.rows)
+
+    def add_held(self, ids: pa.Array | pa.ChunkedArray) -> None:
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        self._spread(pa.record_batch([ids], schema=_HELD_SCHEMA), self.held_paths, self.held_rows)
+
+    def _spread(self, batch: pa.RecordBatch, paths: list[str], rows: list[int]) -> None:
+        self._con.register("block", pa.table({"id": batch.column("id")}))
         bucket = self._con.execute(f"SELECT (hash(id) % {ID_BUCKETS})::INTEGER AS b FROM block").fetchnumpy()["b"]
         self._con.unregister("block")
         bucket = np.asarray(bucket, dtype=np.int64)
         order = np.argsort(bucket, kind="stable")  # keeps seq order inside each bucket
         bounds = np.searchsorted(bucket[order], np.arange(ID_BUCKETS + 1))
-        batch = pa.record_batch([seq, ids], schema=_BUCKET_SCHEMA).take(pa.array(order))
+        batch = batch.take(pa.array(order))
         for b in range(ID_BUCKETS):
             lo, hi = int(bounds[b]), int(bounds[b + 1])
             if hi > lo:
-                if b not in self._writers:
-                    self._writers[b] = pa.ipc.new_stream(self.paths[b], _BUCKET_SCHEMA)
-                self._writers[b].write_batch(batch.slice(lo, hi - lo))
-                self.rows[b] += hi - lo
+                if paths[b] not in self._writers:
+                    self._writers[paths[b]] = pa.ipc.new_stream(paths[b], batch.schema)
+                self._writers[paths[b]].write_batch(batch.slice(lo, hi - lo))
+                rows[b] += hi - lo
 
     def close(self) -> None:
-        for w in self._writers.values():
-            w.close()
-        self._writers.clear()
+        self._close_writers()
         self._con.close()
 
-    def duplicate_seqs(self) -> np.ndarray:
-        """Positions of every later copy of an id, sorted (DuckDB ranks each group's copies)."""
+    def _close_writers(self) -> None:
         for w in self._writers.values():
             w.close()
         self._writers = {}
-        found = []
+
+    def duplicate_seqs(self) -> np.ndarray:
+        """Positions of every later copy of an id, sorted (DuckDB ranks each group's copies)."""
+        found = [np.asarray(r["seq"], dtype=np.int64) for r in self._query(
+            "SELECT seq FROM (SELECT seq, row_number() OVER (PARTITION BY id ORDER BY seq) AS rn "
+            "FROM ids) WHERE rn > 1")]
+        return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    def new_seqs(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(keep, duplicates)``: sorted positions of listed rows whose id is not held, and the
+        later copies of an id among them."""
+        keep, dup = [], []
+        for r in self._query(
+                "SELECT seq, rn > 1 AS dup FROM (SELECT seq, id, row_number() OVER "
+                "(PARTITION BY id ORDER BY seq) AS rn FROM ids) l "
+                "WHERE NOT EXISTS (SELECT 1 FROM held h WHERE h.id = l.id)"):
+            seq = np.asarray(r["seq"], dtype=np.int64)
+            keep.append(seq)
+            dup.append(seq[np.asarray(r["dup"], dtype=bool)])
+        if not keep:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.sort(np.concatenate(keep)), np.sort(np.concatenate(dup))
+
+    def repeated_ids(self, limit: int) -> tuple[int, list[str]]:
+        """How many ids occur more than once, and up to ``limit`` of them."""
+        count, examples = 0, []
+        for r in self._query("SELECT id FROM ids GROUP BY id HAVING count(*) > 1"):
+            count += len(r["id"])
+            examples.extend(str(i) for i in r["id"][:max(0, limit - len(examples))])
+        return count, examples
+
+    def _query(self, sql: str) -> Iterator[dict]:
+        """Run ``sql`` over each group of buckets (tables ``ids`` and, if held, ``held``)."""
+        self._close_writers()
+        sizes = [self.rows[b] + self.held_rows[b] for b in range(ID_BUCKETS)]
         group: list[int] = []
         for b in [b for b in range(ID_BUCKETS) if self.rows[b]] + [None]:
-            if group and (b is None or sum(self.rows[g] for g in group) + self.rows[b] > DEDUP_GROUP_ROWS):
-                found.append(self._duplicates_in(group))
+            if group and (b is None or sum(sizes[g] for g in group) + sizes[b] > DEDUP_GROUP_ROWS):
+                self._con.register("ids", _read_buckets(self.paths, group, self.rows, _BUCKET_SCHEMA))
+                if self.held_paths:
+                    self._con.register("held", _read_buckets(self.held_paths, group, self.held_rows,
+                                                             _HELD_SCHEMA))
+                yield self._con.execute(sql).fetchnumpy()
+                self._con.unregister("ids")
+                if self.held_paths:
+                    self._con.unregister("held")
                 group = []
             if b is not None:
                 group.append(b)
-        return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
-    def _duplicates_in(self, buckets: list[int]) -> np.ndarray:
-        tables = []
-        for b in buckets:
-            with pa.OSFile(self.paths[b]) as f:
+
+def _read_buckets(paths: list[str], buckets: list[int], rows: list[int], schema: pa.Schema) -> pa.Table:
+    tables = [schema.empty_table()]
+    for b in buckets:
+        if rows[b]:
+            with pa.OSFile(paths[b]) as f:
                 tables.append(pa.ipc.open_stream(f).read_all())
-        self._con.register("ids", pa.concat_tables(tables))
-        res = self._con.execute(
-            "SELECT seq FROM (SELECT seq, row_number() OVER (PARTITION BY id ORDER BY seq) AS rn "
-            "FROM ids) WHERE rn > 1").fetchnumpy()
-        self._con.unregister("ids")
-        return np.asarray(res["seq"], dtype=np.int64)
+    return pa.concat_tables(tables)
+
+
+def plan_repeats(output: str, storage_options: Optional[dict] = None, limit: int = 5) -> tuple[int, list[str]]:
+    """Ids planned more than once across every generation, not counting rows flagged
+    ``duplicate`` (those are expected error rows): ``(how many, up to limit of them)``."""
+    meta = read_meta(output, storage_options)
+    if meta is None:
+        return 0, []
+    fs, pdir = url_to_fs(plan_dir(output), storage_options)
+    with tempfile.TemporaryDirectory(prefix="vgg-verify-") as tmp:
+        buckets = _IdBuckets(tmp)
+        try:
+            seq = 0
+            for part in meta.get("parts", []):
+                with open_read(fs, join(pdir, part)) as f:
+                    for table in _row_groups(pq.ParquetFile(f), ["id", "duplicate"]):
+                        ids = table.filter(pc.invert(table.column("duplicate"))).column("id").combine_chunks()
+                        buckets.add(pa.array(np.arange(seq, seq + len(ids), dtype=np.int64)), ids)
+                        seq += len(ids)
+            return buckets.repeated_ids(limit)
+        finally:
+            buckets.close()
 
 
 def _row_groups(pf: pq.ParquetFile, columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
@@ -311,13 +537,21 @@ def _row_groups(pf: pq.ParquetFile, columns: Optional[list[str]] = None) -> Iter
 
 
 def iter_shards(output: str, storage_options: Optional[dict] = None,
-                skip: Optional[set[int]] = None) -> Iterator[Shard]:
-    """Read the plan back, one shard at a time (rows of a shard are contiguous)."""
+                skip: Optional[set[int]] = None, parts: Optional[list[str]] = None) -> Iterator[Shard]:
+    """Read the plan back, one shard at a time (rows of a shard are contiguous), every
+    generation in order.  ``parts`` (relative to ``_plan/``) defaults to those ``_meta.json``
+    lists; without a ``_meta.json``, the generation-0 parts found in ``_plan/``."""
     fs, pdir = url_to_fs(plan_dir(output), storage_options)
-    parts = sorted(p for p in ls(fs, pdir, detail=False) if layout.part_number(p) is not None)
+    if parts is None:
+        meta = read_meta(output, storage_options)
+        if meta is not None:
+            parts = list(meta.get("parts", []))
+        else:
+            parts = sorted(os.path.basename(p.rstrip("/")) for p in ls(fs, pdir, detail=False)
+                           if layout.part_number(p) is not None)
     current: Optional[Shard] = None
     for part in parts:
-        with open_read(fs, part) as f:
+        with open_read(fs, join(pdir, part)) as f:
             pf = pq.ParquetFile(f)
             for batch in _row_groups(pf, ["shard", "id", "uri", "duplicate"]):
                 shard_col = batch.column("shard").to_numpy()

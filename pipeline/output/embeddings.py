@@ -120,16 +120,19 @@ def load_embeddings(output: str, column: str = "fc7", *, normalize: bool = False
 
 
 def iter_embeddings(output: str, column: str = "fc7", *, batch_size: int = 65536,
-                    normalize: bool = False,
-                    storage_options: Optional[dict] = None) -> Iterator[Embeddings]:
+                    normalize: bool = False, storage_options: Optional[dict] = None,
+                    only: Optional[set[str]] = None) -> Iterator[Embeddings]:
     """Yield ``OUTPUT``'s rows as :class:`Embeddings` of at most ``batch_size`` rows each.
 
     Batches never span files (each carries its own file's metadata); empty files yield nothing.
     Concatenated, the batches equal :func:`load_embeddings` with the same arguments.
+    ``only``: read just the part files with these names (e.g. ``part-00007.parquet``).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     fs, files = _require_parts(output, storage_options)
+    if only is not None:
+        files = [f for f in files if f.rstrip("/").rsplit("/", 1)[-1] in only]
     d: Optional[int] = None
     for name in files:
         with _parquet(fs, name) as pf:
@@ -181,12 +184,17 @@ def vectors_for_ids(output: str, ids: list[str], column: str = "fc7", *,
 
 def count_rows(output: str, storage_options: Optional[dict] = None) -> int:
     """Rows in ``OUTPUT/embeddings`` from the Parquet footers alone (no data read)."""
+    return sum(rows for _, rows, _ in part_footers(output, storage_options))
+
+
+def part_footers(output: str, storage_options: Optional[dict] = None) -> list[tuple[str, int, dict]]:
+    """``(name, rows, vgg_pipeline metadata)`` of every embeddings part file, from footers alone."""
     fs, files = _require_parts(output, storage_options)
-    total = 0
+    found = []
     for name in files:
         with _parquet(fs, name) as pf:
-            total += pf.metadata.num_rows
-    return total
+            found.append((name.rstrip("/").rsplit("/", 1)[-1], pf.metadata.num_rows, _metadata(pf)))
+    return found
 
 
 def vector_matrix(arr: pa.Array | pa.ChunkedArray, d: Optional[int], name: str = "") -> np.ndarray:
@@ -216,6 +224,7 @@ def vector_matrix(arr: pa.Array | pa.ChunkedArray, d: Optional[int], name: str =
 
 def _list_parts(output: str, storage_options: Optional[dict]) -> tuple[object, list[str]]:
     fs, root = url_to_fs(output, storage_options)
+    fs.invalidate_cache()  # parts are written by other processes (actors, later jobs): list afresh
     pattern = join(root, layout.embeddings_glob()) if is_local(fs) else \
         f"{root.rstrip('/')}/{layout.embeddings_glob()}"
     return fs, sorted(with_retries(lambda: fs.glob(pattern), output))

@@ -17,6 +17,15 @@ docs/benchmarks.md) and can be overridden with ``params``.  Files, per column an
     OUTPUT/index/<column>-<kind>.ids.parquet  id, uri of faiss row i
     OUTPUT/index/<column>-<kind>.json         build parameters; written last = commit marker
 
+Growing outputs (``extract --update``): the JSON records which part files the index covers
+(``covers``: name, rows and the part's ``created_at``).  :func:`build_index` on an output that
+has gained part files since then adds only their rows to the existing index (every kind supports
+``add``), unless a covered file changed or vanished, the index files disagree with the JSON, or
+an ``ivf-pq`` index would hold more than ``IVF_PQ_GROWTH`` times the vectors it was trained on
+(its lists and codebooks were sized for the old collection): then it rebuilds.  The returned
+dict's ``action`` says which: ``built``, ``rebuilt`` (with ``reason``), ``added`` (with
+``rows_added``) or ``unchanged``.
+
 :func:`make_index` builds from an in-memory matrix and :func:`build_index` streams an output
 through the same steps (:func:`_build`), so the benchmark measures what the CLI builds.
 """
@@ -40,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.output.embeddings import count_rows, iter_embeddings, l2_normalize
+from pipeline.output.embeddings import iter_embeddings, l2_normalize, part_footers
 from pipeline.errors import UsageError
 from pipeline.input import layout
 from pipeline.input.storage import exists, is_local, open_read, read_file, url_to_fs, with_retries, write_atomic
@@ -50,6 +59,8 @@ log = logging.getLogger(__name__)
 KINDS = ("flat", "ivf-pq", "hnsw")
 PREFERENCE = ("hnsw", "ivf-pq", "flat")  # load_index(kind=None) takes the first that exists
 ADD_CHUNK = 16384  # rows per index.add call: bounds the float32 batch to 256 MiB at d=4096
+IVF_PQ_GROWTH = 2.0  # an ivf-pq index grows by adds up to this multiple of its training-time rows
+IDS_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string())])
 
 # Below this many vectors IVF-PQ cannot train meaningful codebooks; flat is exact and fast there.
 MIN_IVF_PQ_ROWS = 1000
@@ -121,30 +132,92 @@ def make_index(vectors: np.ndarray, kind: str = "flat", params: Optional[dict] =
 
 def build_index(output: str, kind: str = "flat", column: str = "fc7", *,
                 storage_options: Optional[dict] = None, progress: bool = True,
-                params: Optional[dict] = None) -> dict:
+                params: Optional[dict] = None, incremental: bool = True) -> dict:
     """Index ``column`` of ``OUTPUT``'s embeddings and save it under ``OUTPUT/index/``.
 
-    Streams the Parquet files (twice for ``ivf-pq``: a training sample, then the adds), so
-    memory is the index plus one batch.  Returns the stored parameter dict.
+    With an index of this kind and column already there (and ``incremental``, and no new
+    ``params``), only part files it does not cover yet are added, or nothing is done when there
+    are none; see the module docstring for when it rebuilds instead.  A build streams the
+    Parquet files (twice for ``ivf-pq``: a training sample, then the adds), so memory is the
+    index plus one batch.  Returns the stored parameter dict plus ``action``.
     """
     _check_kind(kind)
     started = time.perf_counter()
-    n = count_rows(output, storage_options)
+    footers = part_footers(output, storage_options)
+    n = sum(rows for _, rows, _ in footers)
     if n == 0:
         raise UsageError(f"{output} has no embedding rows to index")
-    d = _first_dim(output, column, storage_options)
     fs, root = url_to_fs(output, storage_options)
     paths = _paths(fs, root, column, kind)
+    covers = [{"file": name, "rows": rows, "created_at": md.get("created_at")} for name, rows, md in footers]
+    reason = None
+    if fs.exists(paths["json"]):
+        if not incremental or params is not None:
+            reason = "asked for a full build" if not incremental else "new parameters"
+        else:
+            existing = json.loads(fs.cat_file(paths["json"]))
+            new, reason = _growth(existing, covers, kind)
+            if reason is None:
+                return _add(output, column, kind, existing, new, covers, paths, fs, storage_options,
+                            started)
+        log.info("rebuilding the %s index of %s: %s", kind, column, reason)
+    return _build_and_store(output, kind, column, covers, params, paths, fs, storage_options, progress,
+                            reason, started)
 
+
+def _build_and_store(output: str, kind: str, column: str, covers: list[dict], params: Optional[dict],
+                     paths: dict, fs, storage_options: Optional[dict], progress: bool,
+                     reason: Optional[str], started: float) -> dict:
+    """A full build, its record (the JSON, written last) and the log line."""
+    n = sum(c["rows"] for c in covers)
+    built = _full_build(output, kind, column, n, params, paths, fs, storage_options, progress)
+    built.update(column=column, rows=n, trained_rows=n, covers=covers,
+                 action="rebuilt" if reason else "built", reason=reason, rows_added=n,
+                 build_seconds=round(time.perf_counter() - started, 3),
+                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 faiss_version=faiss.__version__)
+    write_atomic(fs, paths["json"], json.dumps(built, indent=2, sort_keys=True).encode())
+    log.info("%s %s index of %d x %d in %.1fs: %s", built["action"], kind, n, built["dim"],
+             built["build_seconds"], paths["faiss"])
+    return built
+
+
+def _growth(existing: dict, covers: list[dict], kind: str) -> tuple[list[str], Optional[str]]:
+    """``(new part files, None)`` if the index can be brought up to date by adds, else
+    ``([], why it must be rebuilt)``."""
+    covered = existing.get("covers")
+    if not covered:
+        return [], "it predates coverage records"
+    now = {c["file"]: c for c in covers}
+    for c in covered:
+        cur = now.get(c["file"])
+        if cur is None:
+            return [], f"{c['file']} is gone"
+        if (cur["rows"], cur["created_at"]) != (c["rows"], c.get("created_at")):
+            return [], f"{c['file']} was rewritten"
+    names = {c["file"] for c in covered}
+    new = [c["file"] for c in covers if c["file"] not in names]
+    total = sum(c["rows"] for c in covers)
+    trained = existing.get("trained_rows") or existing.get("rows") or 0
+    if kind == "ivf-pq" and total > IVF_PQ_GROWTH * trained:
+        return [], (f"{total} vectors are more than {IVF_PQ_GROWTH:g}x the {trained} it was trained on; "
+                    "retraining")
+    return new, None
+
+
+def _full_build(output: str, kind: str, column: str, n: int, params: Optional[dict], paths: dict, fs,
+                storage_options: Optional[dict], progress: bool) -> dict:
+    """Build ``kind`` over every row of ``column`` and upload the index and ids files."""
+    d = _first_dim(output, column, storage_options)
     with _local_temp(fs, paths["ids"]) as ids_tmp, _local_temp(fs, paths["faiss"]) as faiss_tmp:
-        writer = pq.ParquetWriter(ids_tmp, pa.schema([("id", pa.string()), ("uri", pa.string())]))
+        writer = pq.ParquetWriter(ids_tmp, IDS_SCHEMA)
         written = 0
 
         def batches() -> Iterator[np.ndarray]:
             nonlocal written
             for emb in iter_embeddings(output, column, batch_size=ADD_CHUNK, normalize=True,
                                        storage_options=storage_options):
-                writer.write_table(pa.table({"id": emb.ids, "uri": emb.uris}))
+                writer.write_table(pa.table({"id": emb.ids, "uri": emb.uris}, schema=IDS_SCHEMA))
                 written += len(emb)
                 yield emb.vectors
 
@@ -161,14 +234,53 @@ def build_index(output: str, kind: str = "flat", column: str = "fc7", *,
         faiss.write_index(index, faiss_tmp)
         _upload(fs, ids_tmp, paths["ids"])
         _upload(fs, faiss_tmp, paths["faiss"])
-
-    built.update(column=column, rows=n, dim=d, build_seconds=round(time.perf_counter() - started, 3),
-                 created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 faiss_version=faiss.__version__)
-    write_atomic(fs, paths["json"], json.dumps(built, indent=2, sort_keys=True).encode())
-    log.info("built %s index of %d x %d in %.1fs: %s", kind, n, d, built["build_seconds"],
-             paths["faiss"])
+    built["dim"] = d
     return built
+
+
+def _add(output: str, column: str, kind: str, existing: dict, new: list[str], covers: list[dict],
+         paths: dict, fs, storage_options: Optional[dict], started: float) -> dict:
+    """Add the rows of the part files ``new`` to the stored index; rebuild if it is unreadable."""
+    if not new:
+        log.info("the %s index of %s already covers all %d rows", kind, column, existing["rows"])
+        return dict(existing, action="unchanged", reason=None, rows_added=0)
+    reason = None
+    try:
+        loaded = load_index(output, column, kind, storage_options)
+    except UsageError as exc:  # e.g. an index killed between its two uploads
+        reason = f"the stored index is unreadable ({exc})"
+    if loaded.index.ntotal != existing.get("rows"):
+        reason = "the stored index does not match its record"
+    if reason is not None:
+        log.warning("rebuilding the %s index of %s: %s", kind, column, reason)
+        return _build_and_store(output, kind, column, covers, None, paths, fs, storage_options, False,
+                                reason, started)
+    index, added = loaded.index, 0
+    with _local_temp(fs, paths["ids"]) as ids_tmp, _local_temp(fs, paths["faiss"]) as faiss_tmp:
+        with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as writer:
+            writer.write_table(pa.table({"id": loaded.ids, "uri": loaded.uris}, schema=IDS_SCHEMA))
+            for emb in iter_embeddings(output, column, batch_size=ADD_CHUNK, normalize=True,
+                                       storage_options=storage_options, only=set(new)):
+                if emb.vectors.shape[1] != index.d:
+                    raise UsageError(f"{column} vectors of the new part files are {emb.vectors.shape[1]}-d, "
+                                     f"the index is {index.d}-d; rebuild it with --kind {kind}")
+                index.add(emb.vectors)
+                writer.write_table(pa.table({"id": emb.ids, "uri": emb.uris}, schema=IDS_SCHEMA))
+                added += len(emb)
+        expected = sum(c["rows"] for c in covers)
+        if index.ntotal != expected:
+            raise UsageError(f"{output} changed while it was indexed; run the index command again")
+        faiss.write_index(index, faiss_tmp)
+        _upload(fs, ids_tmp, paths["ids"])
+        _upload(fs, faiss_tmp, paths["faiss"])
+    stored = dict(existing, rows=int(index.ntotal), covers=covers, action="added", reason=None,
+                  rows_added=added, build_seconds=round(time.perf_counter() - started, 3),
+                  updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  faiss_version=faiss.__version__)
+    write_atomic(fs, paths["json"], json.dumps(stored, indent=2, sort_keys=True).encode())
+    log.info("added %d rows from %d new part files to the %s index of %s (now %d)", added, len(new),
+             kind, column, index.ntotal)
+    return stored
 
 
 def load_index(output: str, column: str = "fc7", kind: Optional[str] = None,
