@@ -25,7 +25,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import JobFailed, UsageError
 from pipeline.input.plan import Shard
-from pipeline.output.writer import ShardRows, embeddings_schema, embeddings_table, errors_table, write_shard
+from pipeline.output.writer import (ShardRows, done_shards, embeddings_schema, embeddings_table, errors_table,
+                                    write_shard)
 from pipeline.run.scheduler import ACTOR_START_TIMEOUT_S, WAIT_S, Outcome, Scheduler
 
 JOB = {"input_sha256": "0" * 16, "fingerprint": "fake"}
@@ -65,12 +66,12 @@ class FakePool:
 
     def __init__(self, output: Path, clock: FakeClock, cfg: dict, *, size: int = 2, concurrency: int = 2,
                  nodes: int = 1, poison: frozenset = frozenset(), stuck: frozenset = frozenset(),
-                 raises: frozenset = frozenset(), crash_once: Optional[set] = None,
+                 raises: frozenset = frozenset(), storage_down: frozenset = frozenset(), crash_once: Optional[set] = None,
                  start_errors: Optional[list] = None, never_ready: bool = False,
                  node_loss: Optional[tuple[int, int]] = None, step: float = 0.25) -> None:
         self.output, self.clock, self.size, self.concurrency = str(output), clock, size, concurrency
         self.nodes, self.dead_nodes = nodes, set()
-        self.poison, self.stuck, self.raises = poison, stuck, raises
+        self.poison, self.stuck, self.raises, self.storage_down = poison, stuck, raises, storage_down
         self.crash_once = set(crash_once or ())
         self.start_errors = list(start_errors or [])
         self.never_ready, self.node_loss, self.step = never_ready, node_loss, step
@@ -182,6 +183,9 @@ class FakePool:
         self.events.append(("done", actor.id, task.handle, shard.index, tuple(shard.ids), 0, self.clock()))
         if self.raises & set(shard.ids):
             task.outcome = Outcome(error="RuntimeError: cannot embed this shard")
+            return
+        if self.storage_down & set(shard.ids):
+            task.outcome = Outcome(error="storage unavailable: 503 SlowDown on s3://b/k", storage=True)
             return
         n = len(shard)
         rows = ShardRows(ids=list(shard.ids), uris=list(shard.uris), widths=[64] * n, heights=[48] * n,
@@ -379,6 +383,20 @@ def test_retries_exhausted_turn_a_failing_shard_into_error_rows(tmp_path):
     assert (stats["retries"], stats["bisected_shards"], stats["actor_failures"]) == (2, 1, 0)
     errors = pq.read_table(tmp_path / "errors" / "part-00001.parquet").to_pylist()
     assert all("failed on this image 2 times (RuntimeError: cannot embed" in e["message"] for e in errors)
+
+
+def test_storage_that_stays_down_ends_the_run_without_error_rows(tmp_path):
+    """``process`` fails with StorageUnavailable on shard 1 every time: the whole shard is retried,
+    never bisected into error rows; then the run ends (JobFailed: exit 1) and a rerun resumes."""
+    with pytest.raises(JobFailed, match="storage unavailable for shard 1 after 3 attempts"):
+        run(tmp_path, shards=3, size=1, concurrency=1, storage_down=frozenset({"s1-0"}))
+    assert not (tmp_path / "errors").exists() or not any((tmp_path / "errors").iterdir())
+    assert not (tmp_path / "embeddings" / "part-00001.parquet").exists()
+    done = done_shards(str(tmp_path))
+    assert 1 not in done
+    sched, pool, stats = run(tmp_path, shards=3, done=tuple(done))  # the storage is back: resume
+    assert outcomes(tmp_path) == expected(3, 2)
+    assert pool.runs(1) == [ids(1, 2)] and stats["shards_done"] == 3 - len(done)
 
 
 # ----------------------------------------------------------------------------- starting workers

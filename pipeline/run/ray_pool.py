@@ -6,6 +6,7 @@ import logging
 from typing import Any, Optional, Sequence
 
 from ..errors import UsageError
+from ..input.storage import StorageUnavailable
 from ..input.plan import Shard
 from .scheduler import Outcome, root_message
 
@@ -84,6 +85,9 @@ class RayPool:
         try:
             return Outcome(value=self.ray.get(ref))
         except Exception as exc:  # noqa: BLE001 - every failure is reported, classified
+            cause = getattr(exc, "cause", None)  # a RayTaskError carries the exception process() raised
+            if isinstance(cause, StorageUnavailable):
+                return Outcome(error=str(cause).splitlines()[0][:300], storage=True)
             return Outcome(error=root_message(exc), died=is_actor_death(exc))
 
     def kill(self, actor: Any) -> None:

@@ -66,6 +66,7 @@ class Outcome:
     value: Any = None
     error: Optional[str] = None
     died: bool = False
+    storage: bool = False  # the call failed on storage that stayed unavailable (StorageUnavailable)
 
 
 class Pool(Protocol):
@@ -428,7 +429,7 @@ class Scheduler:
         if waiting is not None:  # a process() slot is free: the next shard starts its clock
             waiting.running_since = self.clock()
         if outcome.error is not None:
-            self._failed(task.work, outcome.error, "WorkerError")
+            self._failed(task.work, outcome.error, "StorageUnavailable" if outcome.storage else "WorkerError")
         else:
             self._result(task.work, outcome.value)
 
@@ -444,6 +445,11 @@ class Scheduler:
             log.warning("%r failed (%s); retry %d/%d", work, reason, work.attempts, self.max_retries)
             self._requeue(work)
             return
+        if error_type == "StorageUnavailable":
+            # Storage that stays down is not the images' fault: no bisection, no error rows.  The
+            # run ends (exit 1) with every finished shard kept; rerunning resumes it.
+            raise JobFailed(f"storage unavailable for shard {work.shard.index} after {work.attempts} "
+                            f"attempts ({reason}); finished shards are kept, rerun to resume")
         if work.whole:  # it keeps failing: bisect to find the image that kills the worker
             self.stats["bisected_shards"] += 1
             log.warning("%r failed %d times (%s); isolating the image responsible", work, work.attempts, reason)
