@@ -41,10 +41,15 @@ def resize_crop_uint8(img: torch.Tensor) -> torch.Tensor:
 
 
 def normalize_batch(batch_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, 224, 224) -> normalised float32, on the batch's device."""
-    x = batch_uint8.to(torch.float32).div_(255.0)
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    """uint8 (N, 3, 224, 224) -> normalised float32, on the batch's device.
+
+    The arithmetic of :func:`preprocess_pil` (torchvision's ``to_dtype(scale=True)`` multiplies by
+    1/255, ``normalize`` subtracts the mean and divides by the std), batched and in place: a CPU crop
+    normalised here is bit for bit the reader's tensor.
+    """
+    x = batch_uint8.to(torch.float32).mul_(1.0 / 255)
+    mean = torch.tensor(MEAN, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(-1, 1, 1)
     return x.sub_(mean).div_(std)
 
 
