@@ -12,6 +12,12 @@ Two measurements, paired and alternated in one run so a shared machine disturbs 
   option of the CLI).  Throughput = images / (last shard commit - first batch handed to the model),
   so Ray start-up, actor start and model load are outside it.
 
+Both report img/s and CPU seconds per image (every process of the job: driver, Ray, actor, decode
+processes; psutil).  On a shared machine the CPU figure is the steadier one: the pipeline's many
+threads and processes get a different share of contended cores than N bare processes do, while
+CPU per image counts the work whatever share it got.  "x bare (CPU)" = bare CPU/img over
+extract CPU/img: what the throughput ratio is once the cores are saturated and not shared.
+
 Image sets: ``web`` (500x375 and 375x500, ~0.2 Mpixel) and ``photos`` (3, 6 and 12 Mpixel), each a
 few distinct JPEGs listed many times (a CSV manifest with unique ids) so a large job needs little
 disk.  ``--shard-sizes 64 4000`` runs the same job at both shard sizes instead (the cost of shard
@@ -117,12 +123,15 @@ def _bare_init() -> None:
     _bare_one.buf = np.empty((3, 224, 224), np.uint8)  # type: ignore[attr-defined]
 
 
-def bare_decode(paths: list[Path], cores: int) -> float:
+def bare_decode(paths: list[Path], cores: int) -> dict:
     with mp.get_context("spawn").Pool(cores, initializer=_bare_init) as pool:
         pool.map(_bare_one, [str(p) for p in paths[:cores * 4]])  # warm: imports, page cache
-        t0 = time.perf_counter()
-        n = sum(pool.imap_unordered(_bare_one, [str(p) for p in paths], chunksize=4))
-        return n / (time.perf_counter() - t0)
+        with common.TreeSampler(os.getpid()) as sampler:
+            t0 = time.time()
+            n = sum(pool.imap_unordered(_bare_one, [str(p) for p in paths], chunksize=4))
+            t1 = time.time()
+            sampler.sample()
+    return {"img_per_s": n / (t1 - t0), "cpu_s_per_img": sampler.cpu_between(t0, t1)[1] / n}
 
 
 # -- extract with the stand-in ----------------------------------------------------------------------
@@ -141,15 +150,18 @@ def extract_null(manifest: Path, workdir: Path, shard_size: int, cores: int, ima
              configure_logging=False,
              runtime_env={"worker_process_setup_hook": "input_ceiling.install_null_mapper", "env_vars": env})
     try:
-        summary = pipeline.extract(str(manifest), str(out), weights="random:0", progress=False,
-                                   model={"arch": "vgg11"}, runtime={"device": "cpu", "cpus_per_actor": cores},
-                                   input={"shard_size": shard_size})
+        with common.TreeSampler(os.getpid()) as sampler:  # the driver, Ray, the actor, its decoders
+            summary = pipeline.extract(str(manifest), str(out), weights="random:0", progress=False,
+                                       model={"arch": "vgg11"},
+                                       runtime={"device": "cpu", "cpus_per_actor": cores},
+                                       input={"shard_size": shard_size})
     finally:
         ray.shutdown()
     commits = sorted(p.stat().st_mtime for p in (out / "embeddings").glob("part-*.parquet"))
     start = float(first.read_text())
     assert summary["counts"]["embedded"] == images, summary["counts"]
     return {"img_per_s": images / (commits[-1] - start), "shards": len(commits),
+            "cpu_s_per_img": sampler.cpu_between(start, commits[-1])[1] / images,
             "stage_seconds": summary["run"].get("stage_seconds", {})}
 
 
@@ -176,20 +188,25 @@ def main(argv: Optional[list[str]] = None) -> int:
             for _ in range(args.repeat):  # alternate: bare, then each shard size
                 bare.append(bare_decode(paths, args.cores))
                 for s in args.shard_sizes:
-                    runs[s].append(extract_null(manifest, Path(tmp), s, args.cores, images)["img_per_s"])
+                    runs[s].append(extract_null(manifest, Path(tmp), s, args.cores, images))
             mpix = sum(common.jpeg_pixels(q.read_bytes()) for q in paths[:50]) / min(50, len(paths)) / 1e6
             results.append({"set": name, "images": images, "mpix": mpix, "bare": bare, "runs": runs})
 
     def render() -> str:
         rows = []
         for r in results:
-            b = common.summary(r["bare"])["median"]
-            rows.append((f"{r['set']} ({r['mpix']:.1f} Mpixel)", r["images"], "bare decode", common.spread(r["bare"]),
-                         "1.00"))
+            b = {k: common.summary([x[k] for x in r["bare"]])["median"] for k in ("img_per_s", "cpu_s_per_img")}
+            rows.append((f"{r['set']} ({r['mpix']:.1f} Mpixel)", r["images"], "bare decode",
+                         common.spread([x["img_per_s"] for x in r["bare"]]), "1.00",
+                         f"{b['cpu_s_per_img'] * 1e3:.1f}", "1.00"))
             for s, v in r["runs"].items():
-                rows.append(("", "", f"extract, shard_size {s}", common.spread(v),
-                             f"{common.summary(v)['median'] / b:.2f}"))
-        return common.table(["set", "images", "what", "img/s median (min-max)", "x bare"], rows)
+                ips = [x["img_per_s"] for x in v]
+                cpu = common.summary([x["cpu_s_per_img"] for x in v])["median"]
+                rows.append(("", "", f"extract, shard_size {s}", common.spread(ips),
+                             f"{common.summary(ips)['median'] / b['img_per_s']:.2f}", f"{cpu * 1e3:.1f}",
+                             f"{b['cpu_s_per_img'] / cpu:.2f}"))
+        return common.table(["set", "images", "what", "img/s median (min-max)", "x bare", "CPU ms/img",
+                             "x bare (CPU)"], rows)
 
     note = (f"\n{args.cores} cores for both (bare: {args.cores} processes; extract: one actor with "
             f"{args.cores} CPUs, its decode processes and a stand-in model that computes nothing). "

@@ -291,3 +291,28 @@ def test_no_more_than_two_shards_are_materialised(worker, corpus, recording):
     t.join(DEADLINE_S)
     assert seq.peak_active == MATERIALISED and seq.active == 0
     assert [e.column("id").to_pylist() for e, _, _ in out] == [s.ids for s in shards]
+
+
+def test_driver_sequence_numbers_order_the_model_whatever_the_arrival(worker, corpus, recording):
+    """Ray's threads may start two calls in either order; with the driver's ``seq`` the model still
+    serves them in submission order (so the shard in the model is the oldest in flight)."""
+    from pipeline.run.worker import ShardSequencer
+    root, good, _ = corpus
+    a, b = _shard(root, 20, good[:5]), _shard(root, 21, good[5:10])
+    rec = recording()
+    seq, worker.sequencer = worker.sequencer, ShardSequencer()
+    try:
+        out: dict = {}
+        tb = threading.Thread(target=lambda: out.update(b=worker.process(b, False, 1)), name="second")
+        tb.start()
+        _until(lambda: worker.sequencer.active == 1, "the second call to be admitted")
+        assert not rec.calls  # decoding ahead, but not in the model before the first
+        ta = threading.Thread(target=lambda: out.update(a=worker.process(a, False, 0)), name="first")
+        ta.start()
+        ta.join(DEADLINE_S)
+        tb.join(DEADLINE_S)
+    finally:
+        worker.sequencer = seq
+    names = [t for t, _ in rec.calls]
+    assert names == sorted(names, key=lambda n: n != "first") and set(names) == {"first", "second"}
+    assert out["a"][0].column("id").to_pylist() == a.ids and out["b"][0].column("id").to_pylist() == b.ids

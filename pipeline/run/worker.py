@@ -52,8 +52,10 @@ from ..output.writer import BackgroundWriter, ShardRows, embeddings_schema, embe
 log = logging.getLogger(__name__)
 
 # Test-only fault injection (tests/test_faults.py), read from the actor's environment: a worker
-# that reaches the CRASH id exits abruptly, like a segfaulting decoder; one that reaches the HANG id
-# blocks forever, like a wedged read or driver, until the driver's shard timeout kills it.
+# whose model reaches the CRASH id exits abruptly, like a model or driver that faults on an image (a
+# crashing decoder is contained by the decode processes); one that reads the HANG id blocks
+# forever, like a wedged read, until the driver's shard timeout kills it.  The crash fires on the
+# model's turn, so with two shards in flight it is the shard in the model (the oldest) that dies.
 CRASH_ENV = "VGG_PIPELINE_FAULT_CRASH_ID"
 HANG_ENV = "VGG_PIPELINE_FAULT_HANG_ID"
 
@@ -75,9 +77,13 @@ def uses_gpu_decode(decode: str, mapper: Any) -> bool:
 class ShardSequencer:
     """Orders the shards of one actor: admission (at most ``depth`` at once) and model turns.
 
-    Each ``process`` call takes a ticket on entry.  ``admit`` blocks while ``depth`` earlier tickets
-    are unfinished; ``wait_turn`` blocks until every earlier ticket is finished, so batches reach the
-    model shard after shard; ``finish`` (always called, also on errors) passes the turn on.
+    Each ``process`` call takes a ticket on entry: the ``seq`` the driver numbered its calls to this
+    actor with (0, 1, 2, ... in submission order), or else the order of arrival, which Ray's
+    threads may swap for calls submitted together.  ``admit`` blocks while ``depth`` earlier
+    tickets are unfinished; ``wait_turn`` blocks until every earlier ticket is finished, so batches
+    reach the model shard after shard; ``finish`` (always called, also on errors) passes the turn on.
+    With submission order kept, the shard in the model is the oldest one the driver has in flight:
+    the one to blame if the actor dies.
     """
 
     def __init__(self, depth: int = MATERIALISED) -> None:
@@ -90,10 +96,10 @@ class ShardSequencer:
         self.active = 0                # admitted, unfinished
         self.peak_active = 0
 
-    def admit(self) -> int:
+    def admit(self, seq: Optional[int] = None) -> int:
         with self._cond:
-            ticket = self._next
-            self._next += 1
+            ticket = self._next if seq is None else seq
+            self._next = max(self._next, ticket) + 1
             self._cond.wait_for(lambda: ticket < self._served + self.depth)
             self.active += 1
             self.peak_active = max(self.peak_active, self.active)
@@ -221,14 +227,18 @@ class ShardWorker:
         }
 
     # -- one shard
-    def process(self, shard: Shard, write: bool = True) -> Any:
-        """Turn ``shard`` into rows; write its files (``write=True``) or return the tables."""
+    def process(self, shard: Shard, write: bool = True, seq: Optional[int] = None) -> Any:
+        """Turn ``shard`` into rows; write its files (``write=True``) or return the tables.
+
+        ``seq``: this call's number among the driver's calls to this actor (0, 1, 2, ...), so the
+        model serves shards in submission order (see :class:`ShardSequencer`).
+        """
+        ticket = self.sequencer.admit(seq)
         t_start = time.perf_counter()
         st = _ShardState(shard)
-        st.errors = [(p, ItemError("list", "DuplicateId", "id already listed earlier in the input"))
-                     for p, d in enumerate(shard.duplicate) if d]
-        ticket = self.sequencer.admit()
         try:
+            st.errors = [(p, ItemError("list", "DuplicateId", "id already listed earlier in the input"))
+                         for p, d in enumerate(shard.duplicate) if d]
             self._stream(st, ticket)
         finally:
             self.sequencer.finish(ticket)  # the next shard's batches may go to the model now
@@ -254,7 +264,8 @@ class ShardWorker:
         """Read and decode ``st.shard`` ahead of the model; embed its batches on its model turn."""
         shard = st.shard
         skip = {p for p, _ in st.errors}
-        before = self._fault_hook(shard)
+        before = self._hang_hook(shard)
+        crash_id = os.environ.get(CRASH_ENV)
         if self.gpu_decoder is not None:
             batches = self._gpu_batches(st, skip, before)
         elif self.pool is not None:
@@ -266,6 +277,8 @@ class ShardWorker:
             for batch in batches:
                 if turn_started is None:
                     turn_started = self.sequencer.wait_turn(ticket)
+                if crash_id and any(shard.ids[p] == crash_id for p in batch.positions):
+                    os._exit(17)
                 t0 = time.perf_counter()
                 for part, out in self._embed(batch):
                     if isinstance(out, ItemError):
@@ -280,15 +293,13 @@ class ShardWorker:
             # The model's idle time while this shard had it: waiting for input, not for compute.
             st.wait_s = max(0.0, time.perf_counter() - turn_started - st.model_s)
 
-    def _fault_hook(self, shard: Shard) -> Optional[Callable[[int], None]]:
-        crash_id, hang_id = os.environ.get(CRASH_ENV), os.environ.get(HANG_ENV)
-        if not (crash_id or hang_id):
+    def _hang_hook(self, shard: Shard) -> Optional[Callable[[int], None]]:
+        hang_id = os.environ.get(HANG_ENV)
+        if not hang_id:
             return None
 
         def before(pos: int) -> None:
-            if crash_id and shard.ids[pos] == crash_id:
-                os._exit(17)
-            if hang_id and shard.ids[pos] == hang_id:
+            if shard.ids[pos] == hang_id:
                 while True:
                     time.sleep(3600)
         return before
