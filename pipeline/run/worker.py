@@ -65,10 +65,10 @@ WRITE_QUEUE = 2       # finished shards waiting for the writer, beyond which a f
 MAX_DECODE_PROCESSES = 32
 
 
-def uses_gpu_decode(decode: str, mapper: Any) -> bool:
+def uses_gpu_decode(decode: str, mapper: Mapper) -> bool:
     """JPEGs decoded with nvJPEG: ``runtime.decode`` auto or gpu, a CUDA mapper that takes 224x224
     crops (the dense descriptor needs whole images, decoded on the CPU)."""
-    if decode == "cpu" or mapper.device.type != "cuda" or getattr(mapper, "needs_image", False):
+    if decode == "cpu" or mapper.device.type != "cuda" or mapper.needs_image:
         if decode == "gpu":
             log.warning("runtime.decode=gpu needs runtime.device=cuda and descriptor fc7; decoding on the CPU")
         return False
