@@ -162,8 +162,11 @@ class _Process:
         self.conn = Connection(ours.detach())
         try:
             argv = [sys.executable, "-m", __name__, str(theirs.fileno()), str(ring_fd), json.dumps(args)]
+            # stderr is the actor's: a decode process' warnings and tracebacks land in the worker log
+            # and it imports this package from wherever the parent did (Ray may add paths at run time)
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
             self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), ring_fd), stdin=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE)
+                                         env=env)
         finally:
             theirs.close()  # only the child holds its end: its death is EOF here
         try:
@@ -172,11 +175,10 @@ class _Process:
             ready = False
         if not ready:
             self.proc.kill()
-            err = self.proc.communicate(timeout=10)[1].decode(errors="replace").strip().splitlines()
+            self.proc.wait()
             self.conn.close()
-            raise RuntimeError(f"a decode process failed to start (exit code {self.proc.returncode}): "
-                               f"{err[-1] if err else 'no output'}")
-        self.proc.stderr.close()  # Python-level failures come back as replies; keep no pipe to fill
+            raise RuntimeError(f"a decode process failed to start (exit code {self.proc.returncode}; "
+                               "its traceback is in the worker's log)")
 
     @property
     def pid(self) -> int:
