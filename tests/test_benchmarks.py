@@ -130,3 +130,11 @@ def test_memory_reports_driver_and_actor_peaks(doc, capsys):
     assert rows["20"][:2] == ["1", "20"] and rows["60"][:2] == ["3", "60"]  # shards, error rows
     assert all(_number(rows[n][3]) > 50 and _number(rows[n][4]) > 50 for n in ("20", "60"))  # MiB
     assert "driver peak 20 -> 60 images" in out and "Peak memory" in doc.read_text()
+
+
+def test_rows_overhead_compares_the_two_bookkeepings(doc, capsys):
+    import rows_overhead
+    assert rows_overhead.main(["--images", "40", "--batch-sizes", "8", "--repeat", "2", "--doc"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert _number(rows["8"][0]) > 0 and _number(rows["8"][1]) > 0  # us/img, both ways
+    assert "Shard bookkeeping per image" in doc.read_text()
