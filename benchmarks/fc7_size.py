@@ -34,8 +34,9 @@ def synthetic_rows(n: int, zero_fraction: float, seed: int = 0) -> ShardRows:
     fc7[rng.random((n, FC7_DIM)) < zero_fraction] = 0.0
     logits = rng.standard_normal((n, NUM_CLASSES), dtype=np.float32) * 3
     ids = [f"images/{i // 1000:04d}/{i:07d}.jpg" for i in range(n)]
-    return ShardRows(ids=ids, uris=[f"s3://bucket/{i}" for i in ids], fc7=[fc7], logits=[logits],
-                     widths=[640] * n, heights=[480] * n)
+    rows = ShardRows()
+    rows.add(ids, [f"s3://bucket/{i}" for i in ids], [640] * n, [480] * n, {"fc7": fc7, "logits": logits})
+    return rows
 
 
 def shard_bytes(rows: ShardRows, fc7_dtype: str, root: str) -> tuple[int, int]:

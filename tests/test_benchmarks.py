@@ -168,3 +168,10 @@ def test_fc7_size_measures_real_part_files(doc, capsys):
     assert results[1]["float32_fc7_bytes"] < results[0]["float32_fc7_bytes"]  # zstd squeezes zeros
     assert fc7_size.main(["--rows", "40", "--zeros", "0.75", "--doc"]) == 0
     assert "| 75% |" in capsys.readouterr().out and "fc7 dtype: part-file size" in doc.read_text()
+
+def test_rows_overhead_compares_the_two_bookkeepings(doc, capsys):
+    import rows_overhead
+    assert rows_overhead.main(["--images", "40", "--batch-sizes", "8", "--repeat", "2", "--doc"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert _number(rows["8"][0]) > 0 and _number(rows["8"][1]) > 0  # us/img, both ways
+    assert "Shard bookkeeping per image" in doc.read_text()

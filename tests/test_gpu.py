@@ -380,7 +380,8 @@ def test_runtime_decode_cpu_or_a_cpu_device_keeps_the_cpu_reader():
     from types import SimpleNamespace
 
     from pipeline.run.worker import uses_gpu_decode
-    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    cuda = SimpleNamespace(device=torch.device("cuda"), needs_image=False)
+    cpu = SimpleNamespace(device=torch.device("cpu"), needs_image=False)
     dense = SimpleNamespace(device=torch.device("cuda"), needs_image=True)
     assert uses_gpu_decode("auto", cuda) and uses_gpu_decode("gpu", cuda)
     assert not uses_gpu_decode("cpu", cuda)

@@ -188,9 +188,9 @@ class FakePool:
             task.outcome = Outcome(error="storage unavailable: 503 SlowDown on s3://b/k", storage=True)
             return
         n = len(shard)
-        rows = ShardRows(ids=list(shard.ids), uris=list(shard.uris), widths=[64] * n, heights=[48] * n,
-                         fc7=[np.full((n, 4096), shard.index, np.float32)],
-                         logits=[np.zeros((n, 1000), np.float32)])
+        rows = ShardRows()
+        rows.add(shard.ids, shard.uris, [64] * n, [48] * n,
+                 {"fc7": np.full((n, 4096), shard.index, np.float32), "logits": np.zeros((n, 1000), np.float32)})
         meta = {"model": {"arch": "fake"}, "shard": shard.index, "shard_digest": shard.digest, "job": JOB}
         emb, err = embeddings_table(rows, self.schema, meta), errors_table([], meta)
         summary = {"shard": shard.index, "rows": n, "errors": 0, "model_s": 0.5}

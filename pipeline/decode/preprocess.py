@@ -12,6 +12,7 @@ fc7 cosine >= 0.999 (tested under the ``gpu`` marker).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 import torchvision.transforms.v2.functional as F
@@ -40,10 +41,15 @@ def resize_crop_uint8(img: torch.Tensor) -> torch.Tensor:
 
 
 def normalize_batch(batch_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, 224, 224) -> normalised float32, on the batch's device."""
-    x = batch_uint8.to(torch.float32).div_(255.0)
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    """uint8 (N, 3, 224, 224) -> normalised float32, on the batch's device.
+
+    The arithmetic of :func:`preprocess_pil` (torchvision's ``to_dtype(scale=True)`` multiplies by
+    1/255, ``normalize`` subtracts the mean and divides by the std), batched and in place: a CPU crop
+    normalised here is bit for bit the reader's tensor.
+    """
+    x = batch_uint8.to(torch.float32).mul_(1.0 / 255)
+    mean = torch.tensor(MEAN, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(-1, 1, 1)
     return x.sub_(mean).div_(std)
 
 
@@ -56,3 +62,41 @@ class Decoded:
     width: int
     height: int
     image: object = None  # the RGB PIL image, kept only when the mapper needs the whole image
+
+
+@dataclass
+class Batch:
+    """What the mapper embeds: ``pixels[j]`` is the image at plan position ``positions[j]``.
+
+    Built once per batch from whichever decoder made the images (the decode processes' uint8
+    crops, the GPU decoder's device batch, or :class:`Decoded` items), so nothing downstream
+    handles images one by one.
+    """
+
+    positions: list[int]
+    pixels: torch.Tensor                  # normalised float32 (N, 3, 224, 224), on any device
+    widths: list[int]                     # full upright size of each image
+    heights: list[int]
+    images: Optional[list] = None         # the RGB PIL images, for mappers that need whole images
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @classmethod
+    def of(cls, items: Sequence[Decoded]) -> "Batch":
+        """Stack :class:`Decoded` items (their ``image`` kept when every item has one)."""
+        images = [it.image for it in items]
+        return cls([it.pos for it in items], torch.stack([it.pixels for it in items]),
+                   [it.width for it in items], [it.height for it in items],
+                   images if all(im is not None for im in images) else None)
+
+    def select(self, index: Sequence[int]) -> "Batch":
+        """The images at ``index`` (batch offsets) as a batch of their own."""
+        return Batch([self.positions[j] for j in index], self.pixels[list(index)],
+                     [self.widths[j] for j in index], [self.heights[j] for j in index],
+                     None if self.images is None else [self.images[j] for j in index])
+
+
+def as_batch(batch: Union[Batch, Sequence[Decoded]]) -> Batch:
+    """A :class:`Batch` as it is, or a list of :class:`Decoded` items stacked into one."""
+    return batch if isinstance(batch, Batch) else Batch.of(batch)

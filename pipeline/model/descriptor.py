@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -45,9 +45,11 @@ from PIL import Image
 from torch import nn
 
 from ..errors import UsageError
+from ..decode.preprocess import Batch, Decoded, as_batch, normalize_batch
+from .archs import NUM_CLASSES
 from .extractor import Extractor
+from .mapper import OutputColumn
 from .vgg import FC7_DIM, VGG
-from ..decode.preprocess import normalize_batch
 
 log = logging.getLogger(__name__)
 
@@ -174,18 +176,26 @@ class DenseExtractor(Extractor):
     def min_side(self) -> int:
         return max(self.scales)
 
+    @property
+    def columns(self) -> Sequence[OutputColumn]:
+        return (*Extractor.columns, OutputColumn.vector("descriptor", self.descriptor_dim),
+                # the dense network's class scores: softmax averaged over positions, flips and scales
+                OutputColumn.vector("dense_probs", NUM_CLASSES))
+
     @torch.inference_mode()
-    def embed(self, items: list) -> dict[str, np.ndarray]:
-        """Decoded items (with ``.image``) -> ``fc7``, ``logits``, ``descriptor``, ``dense_probs``."""
-        if any(it.image is None for it in items):
+    def embed(self, batch: Union[Batch, Sequence[Decoded]]) -> dict[str, np.ndarray]:
+        """A batch with its whole images -> ``fc7``, ``logits``, ``descriptor``, ``dense_probs``."""
+        batch = as_batch(batch)
+        if batch.images is None:
             raise RuntimeError("the dense descriptor needs the decoded image: read with keep_image=True")
-        fc7, logits = self(torch.stack([it.pixels for it in items]))
-        jobs = [(i, s) for i in range(len(items)) for s in range(len(self.scales))]
+        images = batch.images
+        fc7, logits = self(batch.pixels)
+        jobs = [(i, s) for i in range(len(images)) for s in range(len(self.scales))]
         # PIL resizes release the GIL: one thread per core the actor has.
         with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), torch.get_num_threads()))) as pool:
-            inputs = list(pool.map(lambda j: scale_image(items[j[0]].image, self.scales[j[1]]), jobs))
-        pooled = torch.empty(len(items), len(self.scales), FC7_DIM)
-        probs = torch.empty(len(items), len(self.scales), self.model.classifier[6].out_features)
+            inputs = list(pool.map(lambda j: scale_image(images[j[0]], self.scales[j[1]]), jobs))
+        pooled = torch.empty(len(images), len(self.scales), FC7_DIM)
+        probs = torch.empty(len(images), len(self.scales), self.model.classifier[6].out_features)
         for batch in plan_batches([t.shape[1:] for t in inputs], self.max_batch_pixels):
             x = normalize_batch(torch.stack([inputs[k] for k in batch]).to(self.device))
             f, p = self._pair_batch(x)

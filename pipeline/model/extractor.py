@@ -16,11 +16,14 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
+from ..decode.preprocess import RESIZE, Batch, Decoded, as_batch
+from .archs import FC7_DIM, NUM_CLASSES
+from .mapper import OutputColumn
 from .precision import dtype, prepare_input, prepare_model, resolve_precision
 from .weights import WeightsInfo, load_model
 
@@ -68,9 +71,13 @@ class Extractor:
         fc7, logits = self.model(self.prepare(batch))
         return fc7.float().cpu().numpy(), logits.float().cpu().numpy()
 
-    needs_image = False  # the reader may drop the PIL image once it is preprocessed
+    # The mapper contract (pipeline.model.mapper.Mapper).
+    needs_image = False  # the decoders hand over 224x224 crops only
+    min_side = RESIZE    # the recipe's resize: JPEG draft decoding may go down to 4x this
+    columns: Sequence[OutputColumn] = (OutputColumn.vector("fc7", FC7_DIM),
+                                       OutputColumn.vector("logits", NUM_CLASSES))
 
-    def embed(self, items: list) -> dict[str, np.ndarray]:
-        """Mapper interface used by the worker: decoded items -> column arrays, one row each."""
-        fc7, logits = self(torch.stack([it.pixels for it in items]))
+    def embed(self, batch: Union[Batch, Sequence[Decoded]]) -> dict[str, np.ndarray]:
+        """A batch (or a list of decoded items) -> ``fc7`` and ``logits``, one row per image."""
+        fc7, logits = self(as_batch(batch).pixels)
         return {"fc7": fc7, "logits": logits}

@@ -62,13 +62,18 @@ class RayPool:
                                                     scheduling_strategy="SPREAD", **opts)
         threads = int(self.actor_opts["num_cpus"]) if not self.actor_opts["num_gpus"] else None
         self._args = (cfg, output, storage_options, threads, job)
+        # Each actor numbers its process() calls 0, 1, 2, ... so it serves shards to its model in
+        # submission order, whatever order Ray's threads pick them up in (worker.ShardSequencer).
+        self._calls: dict[int, int] = {}
 
     def start(self) -> tuple[Any, Any]:
         actor = self._cls.remote(*self._args)
         return actor, actor.ready.remote()
 
     def submit(self, actor: Any, shard: Shard, write: bool) -> Any:
-        return actor.process.remote(shard, write)
+        seq = self._calls.get(id(actor), 0)
+        self._calls[id(actor)] = seq + 1
+        return actor.process.remote(shard, write, seq)
 
     def wait(self, handles: Sequence[Any], timeout: float) -> list[tuple[Any, Outcome]]:
         refs = list(handles)
@@ -91,6 +96,7 @@ class RayPool:
             return Outcome(error=root_message(exc), died=is_actor_death(exc))
 
     def kill(self, actor: Any) -> None:
+        self._calls.pop(id(actor), None)
         try:
             self.ray.kill(actor, no_restart=True)
         except Exception as exc:  # noqa: BLE001 - the actor may already be gone with its node
