@@ -1,6 +1,6 @@
 """Planning at scale: the real ``build_plan`` over generated inputs, one fresh process per size.
 
-Checks the DESIGN §3 promise that planning streams: a 1,000,000-line manifest is planned in
+Checks the docs/design.md §3 promise that planning streams: a 1,000,000-line manifest is planned in
 well under 10 s and the planner's peak memory does not grow with the input (peak RSS within
 ±10 % between 100k and 1M lines).  Each size runs in its own subprocess so ``ru_maxrss`` is that
 run's peak alone.  The manifest has 0.1 % duplicate lines (later copies of earlier ids), so the

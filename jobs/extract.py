@@ -1,4 +1,4 @@
-"""Entrypoint that ``ray job submit`` runs on the cluster (DESIGN §8).
+"""Entrypoint that ``ray job submit`` runs on the cluster (docs/design.md §8).
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python jobs/extract.py --conf conf/gpu.yaml s3://bucket/images/ s3://bucket/features/

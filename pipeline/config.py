@@ -87,7 +87,7 @@ def _number(v: Any) -> float:
     return f
 
 
-# dotted key -> (default, parser).  The DESIGN §7 keys plus a few runtime knobs.
+# dotted key -> (default, parser).  The docs/design.md §7 keys plus a few runtime knobs.
 KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "model.arch": ("vgg16", _choice(*ARCHS)),
     "model.descriptor": ("fc7", _choice("fc7", "dense-multiscale")),

@@ -1,4 +1,4 @@
-"""The dense multi-scale descriptor (issue 7, DESIGN §1): FC layers as convolutions, scales, flips.
+"""The dense multi-scale descriptor (issue 7, docs/design.md §1): FC layers as convolutions, scales, flips.
 
 Everything runs vgg11 on small photos at scales 224 and 256; the reference implementation below
 slides the *Linear* classifier over every 7x7 pool5 window, so it shares no code with the

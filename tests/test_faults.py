@@ -1,4 +1,4 @@
-"""The driver under failure (DESIGN §6): no image is lost or doubled whatever dies.
+"""The driver under failure (docs/design.md §6): no image is lost or doubled whatever dies.
 
 * an actor's process is SIGKILLed mid-job (in-process job on the session's local Ray);
 * a worker node of a two-node ``ray.cluster_utils.Cluster`` dies mid-job;

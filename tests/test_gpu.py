@@ -256,7 +256,7 @@ def test_gpu_decode_agrees_with_the_cpu_path_on_fc7():
     cpu_fc7, _ = ex(torch.stack([x for x, _ in ref]))
     cos = (gpu_fc7 * cpu_fc7).sum(1) / (np.linalg.norm(gpu_fc7, axis=1) * np.linalg.norm(cpu_fc7, axis=1))
     assert cos.min() >= 0.999, cos
-    # bf16 on the GPU path against the fp32 CPU reference: still within the DESIGN tolerance.
+    # bf16 on the GPU path against the fp32 CPU reference: still within the docs/design.md §2 tolerance.
     ex16 = Extractor("vgg11", "random:0", device="cuda", precision="bf16")
     bf_fc7, _ = ex16(batch.normalized())
     cos16 = (bf_fc7 * cpu_fc7).sum(1) / (np.linalg.norm(bf_fc7, axis=1) * np.linalg.norm(cpu_fc7, axis=1))

@@ -1,4 +1,4 @@
-"""A hostile folder, end to end (DESIGN §3-§5): every format and mode we accept, broken files
+"""A hostile folder, end to end (docs/design.md §3-§5): every format and mode we accept, broken files
 and decompression bombs, sidecars and hidden entries, unicode and spaces in names, upper-case
 extensions, a directory named like an image, a broken symlink, a symlink loop, and tar shards
 (one truncated).  Every image must land in exactly one row, with the right stage for failures."""

@@ -1,4 +1,4 @@
-"""The driver's memory is bounded by its windows, not by the number of images (DESIGN §6).
+"""The driver's memory is bounded by its windows, not by the number of images (docs/design.md §6).
 
 Two real CLI runs, 4,000 and 40,000 images, each in a fresh driver process, through the whole
 code path (listing, plan, Ray actors, writer, final count) -- fast because every image is an empty

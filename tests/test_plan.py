@@ -1,4 +1,4 @@
-"""The plan (pipeline/input/plan.py, DESIGN §3): shards cut from the listing, written to
+"""The plan (pipeline/input/plan.py, docs/design.md §3): shards cut from the listing, written to
 ``OUTPUT/_plan/`` in parts with ``_meta.json`` last, read back shard by shard; duplicate ids."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Actor pool sizing from the cluster's resources (DESIGN §6): one per GPU, else one per node."""
+"""Actor pool sizing from the cluster's resources (docs/design.md §6): one per GPU, else one per node."""
 
 from __future__ import annotations
 

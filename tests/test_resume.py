@@ -1,4 +1,4 @@
-"""Killing or interrupting the driver, then running the same command again (DESIGN §5, §6).
+"""Killing or interrupting the driver, then running the same command again (docs/design.md §5, §6).
 
 The real CLI runs in its own session (``start_new_session``) so that the test can signal its whole
 process group like a terminal's Ctrl-C, or SIGKILL it like an OOM killer; Ray's worker processes

@@ -1,4 +1,4 @@
-"""Input listing (DESIGN §3): folders, globs, manifests, tar shards, memory:// and http(s)://, and
+"""Input listing (docs/design.md §3): folders, globs, manifests, tar shards, memory:// and http(s)://, and
 the shard reader's error rows.  The plan is tests/test_plan.py's, storage retries tests/test_storage.py's."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Object storage under faults (issue 14, DESIGN §6): a real S3 API (moto server) behind the fault
+"""Object storage under faults (issue 14, docs/design.md §6): a real S3 API (moto server) behind the fault
 proxy of ``tests/fault_proxy.py``, answering planned requests with 503 SlowDown, 500
 InternalError, resets before and after the server acted, and GETs cut in half.
 

@@ -1,4 +1,4 @@
-"""Growing collections (DESIGN §3): ``extract --update`` adds what is new, never rewrites what is done.
+"""Growing collections (docs/design.md §3): ``extract --update`` adds what is new, never rewrites what is done.
 
 A folder, a manifest and an S3 bucket (moto server) each grow between runs; every update is
 followed by ``verify`` and exact per-id counts, and the part files of earlier runs are checked

@@ -1,4 +1,4 @@
-"""``vgg-pipeline``: the command line (DESIGN §7).  Only the CLI parses arguments and prints;
+"""``vgg-pipeline``: the command line (docs/design.md §7).  Only the CLI parses arguments and prints;
 the library modules it calls log.
 
 One module per command group, each adding its subcommands with ``add_commands(sub)`` (every

@@ -3,7 +3,7 @@
 :class:`GpuBatchDecoder` turns a batch of ``(pos, encoded bytes)`` into a uint8
 ``(N, 3, 224, 224)`` tensor on the device, the upright ``(width, height)`` of every image, and an
 ``ItemError`` for every image that cannot be decoded — the same outcome as the CPU reader
-(:mod:`pipeline.input.reader`), within the DESIGN §2 tolerance (fc7 cosine >= 0.999).
+(:mod:`pipeline.input.reader`), within the docs/design.md §2 tolerance (fc7 cosine >= 0.999).
 
 Routing is decided from the header alone (:func:`route`: a marker scan, no pixels decoded, no
 CUDA needed, a few microseconds where PIL's ``Image.open`` costs ~100):
@@ -58,7 +58,7 @@ from .preprocess import CROP, RESIZE, Decoded, normalize_batch, resize_crop_uint
 log = logging.getLogger(__name__)
 
 # torchvision 0.29 deprecates its image codecs in favour of torchcodec; decode_jpeg still works and
-# is what DESIGN §4 names.  Silence that one warning, not the category.
+# is what docs/design.md §4 names.  Silence that one warning, not the category.
 warnings.filterwarnings("ignore", message=r".*image decoding and encoding capabilities of TorchVision.*")
 
 GPU_MAX_PIXELS = 40_000_000     # larger JPEGs decode on the CPU, at a reduced DCT scale

@@ -1,4 +1,4 @@
-"""Preprocessing: torchvision's IMAGENET1K_V1 recipe (DESIGN §2), on the CPU and on the GPU.
+"""Preprocessing: torchvision's IMAGENET1K_V1 recipe (docs/design.md §2), on the CPU and on the GPU.
 
 CPU: resize the shorter side to 256 with PIL bilinear (PIL always antialiases), center crop 224,
 scale to [0, 1], normalise — the exact operations of ``VGG16_Weights.IMAGENET1K_V1.transforms()``

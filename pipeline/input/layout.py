@@ -1,4 +1,4 @@
-"""The output layout (DESIGN §5): every name inside ``OUTPUT/``, spelled once.
+"""The output layout (docs/design.md §5): every name inside ``OUTPUT/``, spelled once.
 
 ::
 

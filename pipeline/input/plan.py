@@ -1,4 +1,4 @@
-"""The plan (DESIGN §3): the listing cut into shards, written once to ``OUTPUT/_plan/``.
+"""The plan (docs/design.md §3): the listing cut into shards, written once to ``OUTPUT/_plan/``.
 
 Plan parts are Parquet files with columns ``shard`` (int32), ``seq`` (int64, position in the
 listing the generation was planned from), ``id``, ``uri`` and ``duplicate`` (a later copy of an

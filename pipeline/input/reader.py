@@ -5,7 +5,7 @@ to ``prefetch`` items decoded ahead on a thread pool so decoding overlaps infere
 the GIL).  :func:`fetch_shard` does the same with the encoded bytes (:class:`Fetched`), for the GPU
 decoder.
 
-Fetching (DESIGN §6): on async filesystems (s3, gcs, az, http) the reads run as coroutines on the
+Fetching (docs/design.md §6): on async filesystems (s3, gcs, az, http) the reads run as coroutines on the
 filesystem's own event loop, ``read_concurrency`` of them in flight at once whatever the number of
 cores, one ranged GET per image (``input.max_bytes`` is enforced from the response, no HEAD first).
 Local and other synchronous filesystems, and tar members (each tar streamed once, one GET), are

@@ -1,4 +1,4 @@
-"""Listing the input (DESIGN §3): folders, buckets, globs, manifests and tar shards, streamed.
+"""Listing the input (docs/design.md §3): folders, buckets, globs, manifests and tar shards, streamed.
 
 :func:`list_input` yields ``(id, uri)`` pairs in a deterministic order and never materialises
 the whole listing: folders are walked one directory at a time (sorted), S3 prefixes are listed
@@ -332,7 +332,7 @@ def resolve_uris(lines: pa.Array, fs: fsspec.AbstractFileSystem, manifest_dir: s
 
 
 def manifest_batches(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[pa.Array, pa.Array]]:
-    """A manifest's ``(ids, uris)`` string columns a block at a time, in its own order (DESIGN §3).
+    """A manifest's ``(ids, uris)`` string columns a block at a time, in its own order (docs/design.md §3).
 
     ``.txt``: one uri a line, the line is its id; blank lines and ``#`` comments are ignored;
     lines are stripped.  ``.csv``/``.parquet``: a ``uri`` column and an optional ``id`` column

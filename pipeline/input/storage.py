@@ -1,10 +1,10 @@
 """Every path goes through fsspec: opening URLs, atomic writes, and retries of transient faults.
 
-Atomic files (DESIGN §5): on a local disk we write the target's ``layout.temp_name`` beside it
+Atomic files (docs/design.md §5): on a local disk we write the target's ``layout.temp_name`` beside it
 and ``os.replace`` it; on object stores a single ``pipe_file`` (one PUT, or a multipart upload that
 only becomes visible on completion) — a reader never sees half a file either way.
 
-Retries (DESIGN §6): every storage call goes through :func:`with_retries` (or
+Retries (docs/design.md §6): every storage call goes through :func:`with_retries` (or
 :func:`with_retries_async` on a filesystem's event loop): exponential backoff with jitter for
 the faults object stores really produce (503 SlowDown, 500/502/504, throttling, connection
 resets, timeouts, truncated bodies).  Missing files and denied access are permanent and raised
@@ -116,7 +116,7 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """DESIGN §3 ``uri``: an absolute local path (no ``file://``) or ``scheme://bucket/key``."""
+    """docs/design.md §3 ``uri``: an absolute local path (no ``file://``) or ``scheme://bucket/key``."""
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 

@@ -1,4 +1,4 @@
-"""The paper's dense multi-scale descriptor (Simonyan & Zisserman 2015, section 3.2; DESIGN §1).
+"""The paper's dense multi-scale descriptor (Simonyan & Zisserman 2015, section 3.2; docs/design.md §1).
 
 At test time the paper turns the fully connected layers into convolutions -- fc6 a 7x7 conv,
 fc7 and fc8 1x1 convs, with the *same* weights -- so the network runs on the whole, uncropped

@@ -1,4 +1,4 @@
-"""Where the VGG weights come from, and proof of which ones were used (DESIGN §1 "Weights").
+"""Where the VGG weights come from, and proof of which ones were used (docs/design.md §1 "Weights").
 
 A weights *spec* is one of:
 

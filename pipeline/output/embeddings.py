@@ -1,4 +1,4 @@
-"""Read ``OUTPUT/embeddings/*.parquet`` back as float32 matrices (DESIGN §5).
+"""Read ``OUTPUT/embeddings/*.parquet`` back as float32 matrices (docs/design.md §5).
 
 Two ways in:
 

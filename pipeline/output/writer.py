@@ -1,4 +1,4 @@
-"""Parquet schema and shard files (DESIGN §5): one embeddings file and at most one errors file per shard.
+"""Parquet schema and shard files (docs/design.md §5): one embeddings file and at most one errors file per shard.
 
 Where the files go is :mod:`pipeline.input.layout`'s.
 
@@ -30,7 +30,7 @@ ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("stage", 
                            ("error_type", pa.string()), ("message", pa.string())])
 
 
-# Where the mapper's columns go (DESIGN §5 order): these first, before width and height; the
+# Where the mapper's columns go (docs/design.md §5 order): these first, before width and height; the
 # others (e.g. the dense descriptor's) after the optional topK column.
 LEADING = ("fc7", "logits")
 

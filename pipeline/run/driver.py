@@ -1,4 +1,4 @@
-"""The driver (DESIGN §6): plan, then stream shards to a pool of Ray actors until every one is written.
+"""The driver (docs/design.md §6): plan, then stream shards to a pool of Ray actors until every one is written.
 
 Guarantees (the rules are :mod:`pipeline.run.scheduler`'s):
 * bounded memory: at most ``max_shards_in_flight`` shards are materialised at any time;

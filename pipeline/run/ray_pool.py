@@ -1,4 +1,4 @@
-"""The scheduler's :class:`~pipeline.run.scheduler.Pool` on Ray: ``ShardWorker`` actors (DESIGN §6)."""
+"""The scheduler's :class:`~pipeline.run.scheduler.Pool` on Ray: ``ShardWorker`` actors (docs/design.md §6)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ CPU_ACTOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30
 
 
 def pool_shape(cfg: dict, ray) -> tuple[int, dict]:
-    """Number of actors and their Ray options: one per GPU, else one per node (DESIGN §6)."""
+    """Number of actors and their Ray options: one per GPU, else one per node (docs/design.md §6)."""
     rt = cfg["runtime"]
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))

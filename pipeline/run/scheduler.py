@@ -1,4 +1,4 @@
-"""Which shard runs where, and what happens when an actor dies or hangs (DESIGN §6).
+"""Which shard runs where, and what happens when an actor dies or hangs (docs/design.md §6).
 
 The :class:`Scheduler` streams shards to a :class:`Pool` of workers and owns every failure rule;
 it knows nothing of Ray (``ray_pool.RayPool`` is the real pool, tests drive it with a fake one
