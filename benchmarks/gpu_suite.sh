@@ -10,7 +10,8 @@
 # Steps: test (pytest -m gpu), model (bf16 batch sweep), e2e (pipeline vs model-only, shard size
 # SHARD), e2e1000 (the same at shard size 1000), gpuonly (runtime.decode=gpu: nvJPEG alone),
 # cpudecode (runtime.decode=cpu), baselines (Ray Data, DataLoader), dataloader (DataLoader alone),
-# decode (nvJPEG vs PIL, no model), precisions (fp16, fp32), compile (torch.compile).
+# decode (nvJPEG vs PIL, no model), precisions (fp16, fp32), compile (torch.compile), ceiling (the
+# CPU decode processes' input ceiling on this node's cores, stand-in model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logdir=${1:-/tmp/vgg-gpu-suite}
@@ -18,7 +19,7 @@ mkdir -p "$logdir"
 images=${IMAGES:-20000}
 batch=${BATCH:-256}
 threads=${THREADS:-$(nproc)}
-steps=${STEPS:-test model e2e gpuonly decode e2e1000 cpudecode baselines precisions compile}
+steps=${STEPS:-test model e2e gpuonly decode e2e1000 cpudecode baselines precisions compile ceiling}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -41,7 +42,8 @@ trap 'kill $smi 2>/dev/null' EXIT
 
 e2e=(--device cuda --precision bf16 --batch-size "$batch" --images "$images")
 shard=(--shard-size "${SHARD:-4000}")
-step test 150 "$py" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+step test 200 "$py" -m pytest -q -m gpu tests/test_gpu.py tests/test_precision.py tests/test_descriptor.py \
+  -p no:cacheprovider
 step model 100 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size 64,128,256,512 \
   --images 8192 --repeat 3 --doc
 step e2e 120 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --compare-model-only --model-images 8192 \
@@ -57,3 +59,4 @@ step precisions 80 "$py" benchmarks/model_only.py --device cuda --precision fp16
   --images 4096 --repeat 3 --doc
 step compile 150 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size "$batch" \
   --images 8192 --repeat 3 --compile --doc
+step ceiling 150 "$py" benchmarks/input_ceiling.py --repeat 1 --doc
