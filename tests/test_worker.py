@@ -245,7 +245,8 @@ def test_decode_process_killed_mid_shard_loses_nothing(worker, corpus):
     t.join(DEADLINE_S)
     emb, err, _ = result[0]
     assert emb.to_pylist() == ref[0].to_pylist() and err.num_rows == 0
-    assert worker.pool.restarts == restarts + 1 and len(_decode_pids(worker.pool)) == 2
+    after = set(_decode_pids(worker.pool))  # (other pools' processes may be there too: compare sets)
+    assert worker.pool.restarts == restarts + 1 and victim not in after and len(after - set(children)) == 1
 
 
 def _decode_pids(pool: DecodePool) -> list[int]:

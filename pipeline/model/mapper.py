@@ -1,4 +1,4 @@
-"""The mapper: the model side of reader -> mapper -> writer, built from the config.
+"""The mapper contract: the model side of reader -> mapper -> writer.
 
 :class:`Mapper` is everything the worker and the writer know about a model: whether it needs the
 whole decoded image (or only the 224x224 crop), the smallest shorter side a decoder must keep,
@@ -10,14 +10,16 @@ declared once, next to the code that computes it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from ..decode.preprocess import Batch
-from .weights import WeightsInfo
+if TYPE_CHECKING:  # the contract itself stays light: the writer (and the CLI) import it without torch
+    import torch
+
+    from ..decode.preprocess import Batch
+    from .weights import WeightsInfo
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,3 @@ class Mapper(Protocol):
 
     def embed(self, batch: Batch) -> dict[str, np.ndarray]:
         """One (N, width) array per declared column, row j for ``batch.positions[j]``."""
-
-
-def make_mapper(cfg: dict, storage_options: Optional[dict], num_threads: Optional[int]) -> Mapper:
-    m, rt = cfg["model"], cfg["runtime"]
-    kwargs = dict(device=rt["device"], precision=rt["precision"], num_threads=num_threads,
-                  storage_options=storage_options)
-    if m["descriptor"] == "dense-multiscale":
-        from .descriptor import DenseExtractor
-        return DenseExtractor(m["arch"], m["weights"], scales=m["scales"],
-                              aggregation=m["scale_aggregation"], **kwargs)
-    from .extractor import Extractor
-    return Extractor(m["arch"], m["weights"], **kwargs)

@@ -40,7 +40,7 @@ class QueryEmbedder:
     def __init__(self, metadata: dict, column: str, weights: Optional[str],
                  storage_options: Optional[dict]) -> None:
         from ..input.storage import FileSystems
-        from ..model.mapper import make_mapper
+        from ..model.build import make_mapper
         model = metadata.get("model", {})
         recorded = metadata.get("weights", {})
         spec = weights or recorded.get("spec")

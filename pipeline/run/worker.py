@@ -47,7 +47,8 @@ from ..input.plan import Shard
 from ..input.reader import Failed, StageTimes, fetch_shard, read_shard
 from ..input.storage import FileSystems
 from ..model.batch_size import default_batch_size
-from ..model.mapper import Mapper, make_mapper
+from ..model.build import make_mapper
+from ..model.mapper import Mapper
 from ..output.writer import BackgroundWriter, ShardRows, embeddings_schema, embeddings_table, errors_table
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,20 @@
+"""The mapper a config asks for: the fc7 extractor or the dense multi-scale descriptor."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .mapper import Mapper
+
+
+def make_mapper(cfg: dict, storage_options: Optional[dict], num_threads: Optional[int]) -> Mapper:
+    """The mapper of ``cfg["model"]`` on ``cfg["runtime"]``'s device and precision."""
+    m, rt = cfg["model"], cfg["runtime"]
+    kwargs = dict(device=rt["device"], precision=rt["precision"], num_threads=num_threads,
+                  storage_options=storage_options)
+    if m["descriptor"] == "dense-multiscale":
+        from .descriptor import DenseExtractor
+        return DenseExtractor(m["arch"], m["weights"], scales=m["scales"],
+                              aggregation=m["scale_aggregation"], **kwargs)
+    from .extractor import Extractor
+    return Extractor(m["arch"], m["weights"], **kwargs)
