@@ -10,16 +10,13 @@ test signals once the shards before it are written.  The rerun has no fault.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -28,8 +25,8 @@ import pipeline
 from pipeline.cli import main
 from pipeline.errors import UsageError
 from pipeline.run.worker import HANG_ENV
-from tests.helpers import (SMALL, assert_exactly_once, cli_command, cli_env, parts_written, run_cli, small_flags,
-                           summary, write_images)
+from tests.helpers import (SMALL, assert_exactly_once, cli_command, cli_env, run_cli, small_flags,
+                           snapshot, summary, wait_for_parts, wait_session_gone, write_images)
 
 N_IMAGES = 12  # 6 shards of 2
 
@@ -46,39 +43,6 @@ def start(args: list[str], log: Path, hang_id: str) -> subprocess.Popen:
     with open(log, "w") as f:
         return subprocess.Popen(cli_command(*args), env=cli_env(**{HANG_ENV: hang_id}), stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for_parts(proc: subprocess.Popen, out: Path, n: int, log: Path) -> None:
-    """Until ``n`` shards are written (the job cannot end before: it hangs in a later shard)."""
-    while parts_written(out) < n:
-        if proc.poll() is not None:
-            pytest.fail(f"the job ended (exit {proc.returncode}) before {n} shards were written:\n"
-                        f"{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
-def wait_session_gone(sid: int) -> None:
-    """Wait for every process of session ``sid`` (driver, raylet, orphaned actors) to exit."""
-    while True:
-        left = []
-        for proc in psutil.process_iter():
-            try:
-                if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                    left.append(proc)
-            except (OSError, psutil.Error):
-                continue
-        if not left:
-            return
-        time.sleep(0.2)
-
-
-def snapshot(out: Path) -> dict[str, tuple[int, str]]:
-    """``{embeddings|errors/part: (mtime_ns, sha256)}`` of every part file."""
-    snap = {}
-    for sub in ("embeddings", "errors"):
-        for path in sorted((out / sub).glob("part-*.parquet")) if (out / sub).exists() else []:
-            snap[f"{sub}/{path.name}"] = (path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
-    return snap
 
 
 def test_unfinished_plan_is_resumed_only_by_the_same_job(ray_local, tmp_path):

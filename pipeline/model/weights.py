@@ -42,13 +42,14 @@ import urllib.error
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import torch
 import torch.hub
 from torch import nn
 
 from pipeline.errors import UsageError, WeightsError
+from pipeline.input.storage import safe_uri
 from pipeline.model.vgg import ARCHS, VGG, build_vgg, init_weights
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def load_state_dict(spec: str, arch: str, storage_options: dict | None = None, *
         shown = f"{info.name} ({path})"
         state = _read_state_dict(path, shown)
     else:
-        shown = _redact(spec)
+        shown = safe_uri(spec)
         with _local_file(spec, storage_options) as path:
             info = _file_info(spec, _sha256_file(path))
             state = _read_state_dict(path, shown)
@@ -200,18 +201,7 @@ def _random_model(arch: str, seed: int) -> VGG:
 
 def _file_info(spec: str, sha: str) -> WeightsInfo:
     name = os.path.basename(urlsplit(spec).path if "://" in spec else spec.rstrip("/\\"))
-    return WeightsInfo(spec=_redact(spec), name=name, sha256=sha, is_random=False)
-
-
-def _redact(spec: str) -> str:
-    """``spec`` without URL credentials: the password in user:pass@ and any query string."""
-    if "://" not in spec:
-        return spec
-    parts = urlsplit(spec)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+    return WeightsInfo(spec=safe_uri(spec), name=name, sha256=sha, is_random=False)
 
 
 # --- imagenet download ---------------------------------------------------------------------
@@ -254,7 +244,7 @@ def _imagenet_file(arch: str, progress: bool) -> tuple[str, str]:
 
 
 def _download(url: str, dst: str, prefix: str | None, progress: bool) -> None:
-    shown = _redact(url)
+    shown = safe_uri(url)
     log.info("downloading ImageNet weights %s -> %s", shown, dst)
     hint = f"or pass --weights PATH to a local copy of {os.path.basename(dst)}"
     timeout = float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
@@ -311,7 +301,7 @@ def _dir_lock(path: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _local_file(spec: str, storage_options: dict | None) -> Iterator[str]:
     """A local path holding the file named by ``spec``; remote files go to a temporary copy."""
-    shown = _redact(spec)
+    shown = safe_uri(spec)
     if "://" not in spec or spec.startswith("file://"):
         path = os.path.expanduser(spec[len("file://"):] if spec.startswith("file://") else spec)
         if not os.path.exists(path):
