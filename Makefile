@@ -20,7 +20,7 @@ demo: venv
 	$(VENV)/bin/python -m pipeline.demo --weights $(DEMO_WEIGHTS)
 
 # Programs the tests start besides Python: a Java runtime for Spark (tests/test_engines.py) and
-# Azurite, the Azure Storage emulator (tests/test_azure.py). Installed only when missing; apt-get
+# Azurite, the Azure Storage emulator (tests/test_clouds.py). Installed only when missing; apt-get
 # needs root, as CI runs on Debian. man1 must exist for the JRE's postinst on slim images.
 test-deps:
 	@command -v java >/dev/null || { mkdir -p /usr/share/man/man1 && apt-get update -qq && \
