@@ -172,7 +172,15 @@ try:
             while True:  # the job cannot end before the images are released below
                 written = os.path.isdir(emb) and any(n.startswith("part-") for n in os.listdir(emb))
                 if written and busy_on_worker_node():  # the node's actor holds shards right now
-                    cluster.remove_node(worker, allow_graceful=False)  # like a machine that vanishes
+                    # Like a machine that vanishes: its processes go at once.  Killing only the raylet
+                    # leaves the actor alive for a moment, answering the driver directly (actor calls
+                    # do not pass through the raylet), so it could still finish what it held.
+                    for proc in psutil.Process(raylet).children(recursive=True):
+                        try:
+                            proc.kill()
+                        except psutil.Error:
+                            pass
+                    cluster.remove_node(worker, allow_graceful=False)
                     info["removed"] = True
                     return
                 time.sleep(0.02)
