@@ -23,6 +23,7 @@ import functools
 import io
 import random
 import struct
+import tarfile
 import zlib
 from collections.abc import Callable
 from importlib import resources
@@ -103,6 +104,17 @@ def small_photo(index: int) -> Image.Image:
 # -- encoders: upright RGB photo -> file bytes -------------------------------------------------
 
 Encoder = Callable[[Image.Image], bytes]
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """A tar (webdataset layout) of ``members``: name -> bytes, in that order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def encode(img: Image.Image, fmt: str, **params: object) -> bytes:

@@ -23,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.run.worker import HANG_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # In-process jobs: vgg11, 2-image batches and shards.
@@ -244,6 +246,14 @@ def require_program(name: str, installed_by: str) -> str:
 
 
 # -- waiting on a running job (resume, update tests) --------------------------------------
+
+def start_cli(args: list[str], log: Path, hang_id: str) -> subprocess.Popen:
+    """The CLI in a new session, its actors hanging on image ``hang_id``; output goes to a file
+    (a full pipe would block it)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(cli_command(*args), env=cli_env(**{HANG_ENV: hang_id}), stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
 
 def wait_for_parts(proc: subprocess.Popen, out: Path, n: int, log: Path) -> None:
     """Until ``n`` shards are written (the job cannot end before: it hangs in a later shard)."""

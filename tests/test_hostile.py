@@ -5,29 +5,18 @@ extensions, a directory named like an image, a broken symlink, a symlink loop, a
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 
 import pandas as pd
 import pytest
 
 import pipeline
 from pipeline.output.verify import verify
-from tests.corpus import BAD_ERROR_TYPES, encode, small_photo, write_bad_corpus, write_good_corpus, write_sidecars
+from tests.corpus import (BAD_ERROR_TYPES, encode, small_photo, tar_bytes, write_bad_corpus, write_good_corpus,
+                          write_sidecars)
 
 MAX_PIXELS = 4_000_000  # far above any corpus photo (<= 400 px a side), far below every bomb
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +39,11 @@ def hostile(tmp_path_factory):
     webdataset = {"s/0001.jpg": encode(small_photo(4), "JPEG"), "s/0001.json": b"{}",
                   "s/0002.png": encode(small_photo(5), "PNG")}
     (root / "shards").mkdir()
-    (root / "shards" / "ok.tar").write_bytes(_tar(webdataset))
+    (root / "shards" / "ok.tar").write_bytes(tar_bytes(webdataset))
     expected["shards/ok.tar#s/0001.jpg"] = small_photo(4).size
     expected["shards/ok.tar#s/0002.png"] = small_photo(5).size
     first = encode(small_photo(6), "JPEG")
-    whole = _tar({"t/first.jpg": first, "t/second.jpg": encode(small_photo(7), "JPEG")})
+    whole = tar_bytes({"t/first.jpg": first, "t/second.jpg": encode(small_photo(7), "JPEG")})
     cut = 512 + -(-len(first) // 512) * 512 + 512 + 100  # in the middle of the second member's data
     (root / "shards" / "truncated.tar").write_bytes(whole[:cut])
     expected["shards/truncated.tar#t/first.jpg"] = small_photo(6).size

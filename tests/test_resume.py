@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,9 +23,8 @@ import pytest
 import pipeline
 from pipeline.cli import main
 from pipeline.errors import UsageError
-from pipeline.run.worker import HANG_ENV
-from tests.helpers import (SMALL, assert_exactly_once, cli_command, cli_env, run_cli, small_flags,
-                           snapshot, summary, wait_for_parts, wait_session_gone, write_images)
+from tests.helpers import (SMALL, assert_exactly_once, run_cli, small_flags, snapshot, start_cli, summary,
+                           wait_for_parts, wait_session_gone, write_images)
 
 N_IMAGES = 12  # 6 shards of 2
 
@@ -35,14 +33,6 @@ N_IMAGES = 12  # 6 shards of 2
 def images(tmp_path_factory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("resume-images")
     return root, write_images(root, N_IMAGES)
-
-
-def start(args: list[str], log: Path, hang_id: str) -> subprocess.Popen:
-    """The CLI in a new session, its actors hanging on image ``hang_id``; output goes to a file
-    (a full pipe would block it)."""
-    with open(log, "w") as f:
-        return subprocess.Popen(cli_command(*args), env=cli_env(**{HANG_ENV: hang_id}), stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_unfinished_plan_is_resumed_only_by_the_same_job(ray_local, tmp_path):
@@ -82,7 +72,7 @@ def test_killed_driver_resumes_without_rewriting_finished_shards(ray_local, imag
     out = tmp_path / "out"
     args = [str(src), str(out), *small_flags()]
     log = tmp_path / "first.log"
-    proc = start(args, log, hang_id=ids[4])  # shards 0 and 1 get written, shard 2 never
+    proc = start_cli(args, log, hang_id=ids[4])  # shards 0 and 1 get written, shard 2 never
     try:
         wait_for_parts(proc, out, 2, log)
     finally:
@@ -130,7 +120,7 @@ def test_ctrl_c_exits_130_and_the_rerun_completes(ray_local, images, tmp_path):
     out = tmp_path / "out"
     args = [str(src), str(out), *small_flags()]
     log = tmp_path / "first.log"
-    proc = start(args, log, hang_id=ids[2])  # shard 0 gets written, shard 1 never
+    proc = start_cli(args, log, hang_id=ids[2])  # shard 0 gets written, shard 1 never
     try:
         wait_for_parts(proc, out, 1, log)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does

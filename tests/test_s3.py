@@ -11,8 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +24,7 @@ from pipeline.decode.preprocess import Decoded
 from pipeline.input.reader import read_shard
 from pipeline.input.sources import ListingStats, list_input
 from pipeline.input.storage import FileSystems
-from tests.corpus import encode, small_photo
+from tests.corpus import encode, small_photo, tar_bytes
 from tests.fault_proxy import FaultProxy, start_moto
 
 BUCKET = "vgg-s3-test"
@@ -240,14 +238,8 @@ def test_permanent_s3_errors_are_not_retried(s3, monkeypatch):
 
 def test_tar_shard_in_a_bucket_is_listed_and_streamed(s3):
     members = {"x/0.jpg": image_bytes("a.jpg"), "x/0.json": b"{}", "x/1.png": image_bytes("sub/b.png")}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), int(time.time())
-            tar.addfile(info, io.BytesIO(data))
     fsys = FileSystems(s3["options"])
-    fsys.get(f"s3://{BUCKET}/")[0].pipe_file(f"{BUCKET}/tars/shard-0.tar", buf.getvalue())
+    fsys.get(f"s3://{BUCKET}/")[0].pipe_file(f"{BUCKET}/tars/shard-0.tar", tar_bytes(members))
     items = list(list_input(f"s3://{BUCKET}/tars/", ["jpg", "png"], s3["options"]))
     tar_uri = f"s3://{BUCKET}/tars/shard-0.tar"
     assert items == [("shard-0.tar#x/0.jpg", f"{tar_uri}#x/0.jpg"), ("shard-0.tar#x/1.png", f"{tar_uri}#x/1.png")]

@@ -17,9 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -29,7 +27,7 @@ from pipeline.input import sources
 from pipeline.input.reader import Failed, Fetched, fetch_shard, read_shard
 from pipeline.input.sources import ListingStats, list_input
 from pipeline.input.storage import ATTEMPTS_ENV, FileSystems, StorageUnavailable, is_transient
-from tests.corpus import encode, small_photo
+from tests.corpus import encode, small_photo, tar_bytes
 from tests.fault_proxy import FaultPlan, FaultProxy, first_only, start_moto
 
 BUCKET = "vgg-faults"
@@ -181,13 +179,7 @@ def test_listing_pages_are_retried_one_by_one(store, proxy, monkeypatch):
 
 def test_a_tar_cut_mid_stream_is_resumed_with_one_ranged_get(store, proxy):
     members = {f"x/{i}.jpg": image(i) for i in range(4)}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), int(time.time())
-            tar.addfile(info, io.BytesIO(data))
-    store["client"].put_object(Bucket=BUCKET, Key="tars/cut.tar", Body=buf.getvalue())
+    store["client"].put_object(Bucket=BUCKET, Key="tars/cut.tar", Body=tar_bytes(members))
     tar_path = f"/{BUCKET}/tars/cut.tar"
     proxy.set_plan(FaultPlan(always=first_only(lambda m, path, q: path == tar_path), always_kind="truncate"))
     got = list(fetch_shard([f"s3://{BUCKET}/tars/cut.tar#{n}" for n in members], set(),

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -29,10 +28,9 @@ from pipeline.cli import main
 from pipeline.input.plan import iter_shards, plan_update, read_meta
 from pipeline.output.verify import verify
 from pipeline.retrieval.index import build_index, load_index
-from pipeline.run.worker import HANG_ENV
 from tests.corpus import small_photo
-from tests.helpers import (FC7, assert_exactly_once, cli_command, cli_env, clustered, parts_written, run_cli,
-                           small_flags, snapshot, summary, wait_for_parts, wait_session_gone, write_output)
+from tests.helpers import (FC7, assert_exactly_once, clustered, parts_written, run_cli, small_flags, snapshot,
+                           start_cli, summary, wait_for_parts, wait_session_gone, write_output)
 
 SMALL = {"model": {"arch": "vgg11"}, "runtime": {"batch_size": 2, "num_actors": 1}, "input__shard_size": 2}
 
@@ -208,9 +206,7 @@ def test_driver_killed_during_an_update_is_finished_by_the_next_update(ray_local
     new = add_images(src, 2, 6)  # shards 1, 2, 3 of the update; the second one hangs
     args = [str(src), str(out), *small_flags("runtime.num_actors=1"), "--update"]
     log = tmp_path / "update.log"
-    with open(log, "w") as f:  # its own session, so that the kill takes its Ray along
-        proc = subprocess.Popen(cli_command(*args), env=cli_env(**{HANG_ENV: new[2]}), stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_cli(args, log, hang_id=new[2])  # its own session, so that the kill takes its Ray along
     try:
         wait_for_parts(proc, out, 2, log)
     finally:
