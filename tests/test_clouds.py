@@ -218,6 +218,16 @@ def test_extract_bucket_to_bucket_then_verify_and_read(cloud: Cloud, vgg11_weigh
             assert secret not in text, f"account key in {name}"
 
 
+def test_an_output_container_or_bucket_that_does_not_exist_is_a_usage_error(cloud: Cloud, vgg11_weights):
+    out = f"{cloud.scheme}://no-such-place/run"
+    run = cli("extract", f"{cloud.scheme}://images/photos", out, "--weights", str(vgg11_weights),
+              "--set", "model.arch=vgg11", "--no-progress", *cloud.extract_args, env=cloud.extract_env)
+    assert run.returncode == 2, run.stderr[-2000:]
+    err = run.stderr.strip().splitlines()
+    assert len(err) == 1 and f"{cloud.scheme}://no-such-place does not exist" in err[0], err
+    assert not cloud.admin.exists("no-such-place")   # nothing was created
+
+
 def test_an_azure_connection_string_is_a_secret():
     """It carries the account key: redacted in configs, refused on a submitted job's command line."""
     cs = f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={AZURITE_KEY};"

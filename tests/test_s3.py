@@ -155,6 +155,17 @@ def test_extract_bucket_to_bucket_with_credentials_from_the_environment(s3, vgg1
     assert_no_credentials(s3, objects, run.stdout, run.stderr, check.stdout, check.stderr)
 
 
+def test_an_output_bucket_that_does_not_exist_is_a_usage_error_before_any_work(s3, vgg11_weights):
+    env = clean_env(AWS_ENDPOINT_URL=s3["endpoint"], AWS_ACCESS_KEY_ID=s3["key"],
+                    AWS_SECRET_ACCESS_KEY=s3["secret"], AWS_DEFAULT_REGION="us-east-1")
+    run = cli("extract", f"s3://{BUCKET}/in/", "s3://no-such-bucket/out/", "--weights", str(vgg11_weights),
+              "--set", "model.arch=vgg11", "--no-progress", env=env)
+    assert run.returncode == 2, run.stderr[-2000:]
+    err = run.stderr.strip().splitlines()
+    assert len(err) == 1 and "s3://no-such-bucket does not exist" in err[0], err
+    storage.require_bucket(f"s3://{BUCKET}/anything/", s3["options"])  # an existing bucket passes
+
+
 def test_manifest_in_a_bucket_with_storage_options(s3, vgg11_weights, ray_local):
     """Credentials only as storage options (nothing in the environment): relative manifest
     lines, a missing key (404), a denied key (403) and a duplicate id each become one error row."""

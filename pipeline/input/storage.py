@@ -33,7 +33,7 @@ import fsspec
 from fsspec.asyn import sync
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import JobFailed
+from ..errors import JobFailed, UsageError
 from .layout import temp_name
 
 log = logging.getLogger(__name__)
@@ -302,6 +302,31 @@ def ls(fs: fsspec.AbstractFileSystem, path: str, **kwargs: Any) -> list:
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     """``fs.exists``, retried (s3fs answers False only on a 404, a 503 raises)."""
     return with_retries(lambda: fs.exists(path), to_uri(fs, path))
+
+
+# Object stores whose first path component is a bucket (or container) that a write cannot create.
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+
+
+def require_bucket(url: str, storage_options: Optional[dict] = None) -> None:
+    """A usage error if ``url`` is on an object store whose bucket or container does not exist.
+
+    The pipeline never creates one (its region, access policy and billing are the user's
+    choice), and without this check a typo in OUTPUT would only surface at the first write,
+    after the whole listing.  One HEAD of the bucket, retried; a bucket we may not inspect
+    (403) is left to the writes, which may still be allowed.
+    """
+    fs, path = url_to_fs(url, storage_options)
+    if is_local(fs) or not BUCKET_PROTOCOLS.intersection(_protocols(fs)):
+        return
+    bucket = path.split("/", 1)[0]
+    where = f"{url.split('://', 1)[0]}://{bucket}"
+    try:
+        with_retries(lambda: fs.info(bucket), where)
+    except FileNotFoundError:
+        raise UsageError(f"output bucket or container {where} does not exist: create it first") from None
+    except PermissionError:
+        log.info("cannot inspect %s (access denied); the writes will tell", where)
 
 
 def limited_range(max_bytes: Optional[int]) -> dict:

@@ -32,8 +32,8 @@ from ..errors import JobFailed, UsageError
 from ..input import layout
 from ..input.plan import Shard, build_plan, discard_uncommitted, generations, iter_shards, plan_update, read_meta
 from ..input.sources import input_kind
-from ..input.storage import (exists, is_local, join, open_read, read_file, to_uri, url_to_fs, with_retries,
-                             write_atomic)
+from ..input.storage import (exists, is_local, join, open_read, read_file, require_bucket, to_uri, url_to_fs,
+                             with_retries, write_atomic)
 from ..output.verify import shard_counts
 from ..model.weights import weights_identity
 from ..output.writer import METADATA_KEY, done_shards
@@ -55,6 +55,7 @@ def prepare_output(input_url: str, output: str, fingerprint: str, shard_size: in
     if update and overwrite:
         raise UsageError("--update and --overwrite exclude each other: --update keeps OUTPUT and adds "
                          "the new images, --overwrite replaces it")
+    require_bucket(output, storage_options)
     fs, root = url_to_fs(output, storage_options)
     meta = read_meta(output, storage_options)
     if overwrite:
