@@ -27,6 +27,7 @@ import pipeline
 from pipeline.cli import main
 from pipeline.input.plan import iter_shards, plan_update, read_meta
 from pipeline.output.verify import verify
+from pipeline.run import driver
 from pipeline.retrieval.index import build_index, load_index
 from tests.corpus import small_photo
 from tests.helpers import (FC7, assert_exactly_once, clustered, parts_written, run_cli, small_flags, snapshot,
@@ -56,7 +57,7 @@ def runs(out: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------- a folder
 
-def test_folder_grows_and_the_index_follows(ray_local, tmp_path, capsys):
+def test_folder_grows_and_the_index_follows(ray_local, tmp_path, capsys, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
     first = add_images(src, 0, 3)
     pipeline.extract(str(src), str(out), weights="random:0", **SMALL)
@@ -90,16 +91,23 @@ def test_folder_grows_and_the_index_follows(ray_local, tmp_path, capsys):
     assert main(["index", str(out), "--quiet"]) == 0
     assert "is up to date" in capsys.readouterr().out
 
-    # nothing new: exit 0, no new shard, every file as it was, one more run record
+    # nothing new: exit 0, no new shard, every file as it was, one more run record, and no
+    # worker started (nor Ray: the driver's Ray entry point is made to fail)
     before = snapshot(out)
     plan_before = (out / "_plan" / "_meta.json").read_bytes()
     capsys.readouterr()
+    monkeypatch.setattr(driver, "_init_ray", lambda address: pytest.fail("Ray started with nothing to run"))
     assert main(["extract", str(src), str(out), *small_flags("runtime.num_actors=1"), "--update",
                  "--no-progress"]) == 0
     assert "update: nothing new in the input" in capsys.readouterr().out
     assert snapshot(out) == before and (out / "_plan" / "_meta.json").read_bytes() == plan_before
     assert [r["new_images"] for r in runs(out)] == [3, 3, 0]
+    assert runs(out)[-1]["shards_resumed"] == 4 and runs(out)[-1]["shards_done"] == 0
     assert verify(str(out)).ok
+    # a plain rerun of the finished job likewise only redoes the accounting
+    assert main(["extract", str(src), str(out), *small_flags("runtime.num_actors=1"), "--no-progress"]) == 0
+    assert snapshot(out) == before and [r["mode"] for r in runs(out)][-1] == "extract"
+    monkeypatch.undo()
 
     # other weights are refused as without --update: one line, exit 2, nothing touched
     assert main(["extract", str(src), str(out), *small_flags(), "--weights", "random:1", "--update",

@@ -38,7 +38,7 @@ from ..output.verify import shard_counts
 from ..model.weights import weights_identity
 from ..output.writer import METADATA_KEY, done_shards
 from .ray_pool import RayPool
-from .scheduler import Scheduler
+from .scheduler import Scheduler, run_stats
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,21 @@ def run_extract(input_url: str, output: str, cfg: dict, *, storage_options: Opti
         return result
 
     remove_temp_files(output, storage_options)  # left by writers killed in an earlier run
+    if meta is not None and planned is None and done.issuperset(range(meta["num_shards"])):
+        # a finished job rerun, or an update that found nothing new: only the accounting is redone
+        # (with a new generation planned, part files numbered like its shards must be checked first)
+        log.info("every one of the %d shards is written; no worker to start", meta["num_shards"])
+        stats = run_stats(shards_resumed=meta["num_shards"])
+    else:
+        stats = _run_shards(shards, done, total, output, cfg, storage_options, job, address, progress)
+    run = {"started_at": started_at, "mode": "update" if update else "extract"}
+    return _write_success(input_url, output, cfg, fingerprint, w, stats, time.perf_counter() - t0,
+                          storage_options, run, planned)
+
+
+def _run_shards(shards: Iterator[Shard], done: set[int], total: Optional[int], output: str, cfg: dict,
+                storage_options: Optional[dict], job: dict, address: Optional[str], progress: bool) -> dict:
+    """Every unfinished shard through a Ray pool; returns the scheduler's statistics."""
     ray, owns_ray = _init_ray(address)
     try:
         pool = RayPool(ray, cfg, output, storage_options, job)
@@ -215,9 +230,7 @@ def run_extract(input_url: str, output: str, cfg: dict, *, storage_options: Opti
             ray.shutdown()
         remove_temp_files(output, storage_options)  # an actor killed mid-write leaves its temp file
     forget_listings(output, storage_options)  # the actors wrote files this process has not listed
-    run = {"started_at": started_at, "mode": "update" if update else "extract"}
-    return _write_success(input_url, output, cfg, fingerprint, w, stats, time.perf_counter() - t0,
-                          storage_options, run, planned)
+    return stats
 
 
 def _planned_generation(meta: dict, planned: Optional[dict]) -> Optional[dict]:

@@ -206,6 +206,17 @@ class Progress:
 
 # ----------------------------------------------------------------------------- the scheduler
 
+STAGES = ("read_s", "decode_s", "model_s", "wait_s", "write_s")  # actor seconds, summed per run
+
+
+def run_stats(shards_resumed: int = 0) -> dict[str, Any]:
+    """A run's statistics before it starts; as they stay for a run that finds every shard
+    already written (the driver then starts no Ray at all)."""
+    return {"shards_done": 0, "shards_resumed": shards_resumed, "retries": 0, "actor_failures": 0,
+            "unattributed_failures": 0, "bisected_shards": 0, "timeouts": 0, "images_this_run": 0,
+            "wall_s": 0.0, "img_per_s": 0.0, "stage_seconds": dict.fromkeys(STAGES, 0.0)}
+
+
 class Scheduler:
     """Runs every shard of a plan on a :class:`Pool` until each is written once (module docstring)."""
 
@@ -228,10 +239,8 @@ class Scheduler:
         self.charges: Counter[int] = Counter()   # shard index -> failed attempts charged to it
         self.start_failures = 0
         self.warned_wait = False
-        self.stats: dict[str, Any] = {
-            "shards_done": 0, "shards_resumed": 0, "retries": 0, "actor_failures": 0,
-            "unattributed_failures": 0, "bisected_shards": 0, "timeouts": 0, "images_this_run": 0}
-        self.stage_s = {"read_s": 0.0, "decode_s": 0.0, "model_s": 0.0, "wait_s": 0.0, "write_s": 0.0}
+        self.stats: dict[str, Any] = run_stats()
+        self.stage_s = dict.fromkeys(STAGES, 0.0)
 
     # -- the loop
     def run(self, shards: Iterator[Shard], done: set[int], total: Optional[int]) -> dict:
