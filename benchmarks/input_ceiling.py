@@ -38,13 +38,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 SETS = {
     "web": {"sizes": [(500, 375), (375, 500)], "distinct": 64, "images": 3000},
@@ -63,13 +66,13 @@ class NullMapper:
     needs_image = False
     min_side = 256
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: Config) -> None:
         import torch
 
         from pipeline.model.extractor import Extractor
         from pipeline.model.weights import WeightsInfo
         self.device, self.precision = torch.device("cpu"), "fp32"
-        self.weights = WeightsInfo(cfg["model"]["weights"], cfg["model"]["weights"], None, True)
+        self.weights = WeightsInfo(cfg.model.weights, cfg.model.weights, None, True)
         self.columns = Extractor.columns
         self._first = os.environ.get(FIRST_BATCH_ENV)
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import defaults
     from tests.fault_proxy import FaultProxy, start_moto
 
-    concurrency = args.concurrency or defaults()["input"]["read_concurrency"]
+    concurrency = args.concurrency or defaults().input.read_concurrency
     latencies = [int(x) for x in args.latencies.split(",") if x.strip()]
     m = common.machine()
     data = args.data or Path(tempfile.gettempdir()) / f"vgg-bench-jpegs-{args.images}"

@@ -197,7 +197,7 @@ def check_job(job: ExtractJob, conf: Optional[str]) -> None:
     # Bad config keys or values fail here, in a second, rather than on the cluster.
     cfg = load_config(conf, job.sets, {"model.weights": job.weights} if job.weights else None)
     named = {"INPUT": job.input, "OUTPUT": job.output}
-    weights = cfg["model"]["weights"]  # from --weights, --set or the conf file
+    weights = cfg.model.weights  # from --weights, --set or the conf file
     if not (weights == "imagenet" or weights.startswith("random")):
         named["weights"] = weights
     for what, path in named.items():

@@ -18,11 +18,15 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
 
 from tests.helpers import CLUSTER_DOC, INFRA_README, shell_commands
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
@@ -78,7 +82,7 @@ def _gpu_worker_types(cfg: dict) -> dict[str, dict]:
             if name != cfg["head_node_type"] and nt.get("resources", {}).get("GPU", 0) > 0}
 
 
-def _effective_config(conf: str, overrides: list[str], monkeypatch) -> dict:
+def _effective_config(conf: str, overrides: list[str], monkeypatch) -> Config:
     """The config a job would run with, loaded by the package itself from the repo root."""
     from pipeline.config import load_config
     monkeypatch.chdir(ROOT)
@@ -281,12 +285,12 @@ def test_cluster_doc_commands_fit_the_cluster(monkeypatch):
         args = _parse_extract(extract[1:])
         assert args.input.startswith("s3://") and args.output.startswith("s3://")
         cfg = _effective_config(conf, args.set, monkeypatch)
-        rt = cfg["runtime"]
-        assert rt["device"] == "cuda"
-        assert rt["cpus_per_actor"] is None or rt["cpus_per_actor"] <= cpus_per_gpu, (
-            f"{' '.join(cmd)}: an actor wants {rt['cpus_per_actor']} CPUs, {gpu_type['node_config']['InstanceType']} "
+        rt = cfg.runtime
+        assert rt.device == "cuda"
+        assert rt.cpus_per_actor is None or rt.cpus_per_actor <= cpus_per_gpu, (
+            f"{' '.join(cmd)}: an actor wants {rt.cpus_per_actor} CPUs, {gpu_type['node_config']['InstanceType']} "
             f"has {cpus_per_gpu} per GPU")
-        assert rt["num_actors"] is None or rt["num_actors"] <= max_gpus
+        assert rt.num_actors is None or rt.num_actors <= max_gpus
     assert any(_parse_extract(c[c.index("--") + 2:]).set for c in submits), \
         "no documented submit asks for a number of actors"
 
@@ -344,12 +348,12 @@ def test_rayjob_entrypoint_is_a_valid_extract_that_fits_its_pods(monkeypatch):
                 if "nvidia.com/gpu" in w["template"]["spec"]["containers"][0]["resources"]["limits"]]
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     gpus, cpus = int(limits["nvidia.com/gpu"]), float(limits["cpu"])
-    rt = cfg["runtime"]
-    assert rt["device"] == "cuda"
-    assert rt["num_actors"] is not None and rt["num_actors"] <= group["maxReplicas"] * gpus, \
+    rt = cfg.runtime
+    assert rt.device == "cuda"
+    assert rt.num_actors is not None and rt.num_actors <= group["maxReplicas"] * gpus, \
         "the job asks for more GPU actors than the worker group can ever hold"
-    assert rt["cpus_per_actor"] is not None and rt["cpus_per_actor"] <= cpus / gpus, \
-        f"an actor wants {rt['cpus_per_actor']} CPUs, a worker pod has {cpus} for {gpus} GPU(s)"
+    assert rt.cpus_per_actor is not None and rt.cpus_per_actor <= cpus / gpus, \
+        f"an actor wants {rt.cpus_per_actor} CPUs, a worker pod has {cpus} for {gpus} GPU(s)"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_config_refuses_fp16_on_the_cpu_device():
         load_config(overrides=["runtime.device=cpu", "runtime.precision=fp16"])
     with pytest.raises(UsageError, match="bad value for runtime.precision"):
         load_config(overrides=["runtime.precision=int8"])
-    assert load_config(overrides=["runtime.precision=fp16"])["runtime"]["precision"] == "fp16"
+    assert load_config(overrides=["runtime.precision=fp16"]).runtime.precision == "fp16"
 
 
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):

@@ -75,7 +75,7 @@ class FakePool:
         self.crash_once = set(crash_once or ())
         self.start_errors = list(start_errors or [])
         self.never_ready, self.node_loss, self.step = never_ready, node_loss, step
-        self.schema = embeddings_schema(cfg["output"]["fc7_dtype"], cfg["output"]["top_k"])
+        self.schema = embeddings_schema(cfg.output.fc7_dtype, cfg.output.top_k)
         self.actors: list[FakeActor] = []
         self.tasks: dict[tuple, FakeTask] = {}
         # (kind, actor id, handle, shard index, ids, tasks its actor held before, time); kind: submit,

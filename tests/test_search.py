@@ -8,7 +8,10 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.retrieval.search import search
+from pipeline.errors import UsageError
+from pipeline.model.extractor import Extractor
+from pipeline.model.weights import weights_identity
+from pipeline.retrieval.search import QueryEmbedder, search
 from tests.helpers import extract_thumbnails
 
 
@@ -84,3 +87,16 @@ def test_duckdb_and_pandas_read_the_output_as_is(searchable):
     assert con.execute(f"SELECT count(*) FROM read_parquet('{glob}')").fetchone()[0] == 8
     df = pd.read_parquet(out / "embeddings")
     assert len(df) == 8 and len(df["fc7"].iloc[0]) == 4096 and len(df["logits"].iloc[0]) == 1000
+
+
+def test_queries_are_embedded_with_the_model_the_part_files_record(vgg11_weights):
+    w = weights_identity(str(vgg11_weights), "vgg11", None)
+    recorded = {"spec": str(vgg11_weights), "name": w.name, "sha256": w.sha256}
+    dense = {"model": {"arch": "vgg11", "descriptor": "dense-multiscale", "layer": "fc7 (after relu7)",
+                       "scales": [224, 288], "scale_aggregation": "stack"}, "weights": recorded}
+    q = QueryEmbedder(dense, "descriptor", None, None)
+    assert (q.mapper.scales, q.mapper.aggregation, q.mapper.descriptor_dim) == ([224, 288], "stack", 2 * 4096)
+    assert type(QueryEmbedder(dense, "fc7", None, None).mapper) is Extractor  # fc7 needs no dense pass
+    fc7 = {"model": {"arch": "vgg11", "descriptor": "fc7", "layer": "fc7 (after relu7)"}, "weights": recorded}
+    with pytest.raises(UsageError, match="no descriptor column"):
+        QueryEmbedder(fc7, "descriptor", None, None)

@@ -25,6 +25,7 @@ import pytest
 
 import pipeline
 from pipeline.cli import main
+from pipeline.config import load_config
 from pipeline.input.plan import iter_shards, plan_update, read_meta
 from pipeline.output.verify import verify
 from pipeline.run import driver
@@ -249,7 +250,7 @@ def test_killed_before_commit_or_before_any_new_shard_resumes_without_update(ray
     (stray / "part-00000.parquet").write_bytes((out / "_plan" / "part-00000.parquet").read_bytes())
 
     new = add_images(src, 2, 3)
-    cfg = {"input": {"shard_size": 2, "extensions": ["png"]}}
+    cfg = load_config(overrides=["input.shard_size=2", "input.extensions=png"])
     meta, gen = plan_update(str(src), str(out), cfg)  # what an update killed right after its commit leaves
     assert gen["gen"] == 1 and gen["num_items"] == 3 and meta["num_shards"] == 3
     assert gen["parts"] == ["gen-0001/part-00000.parquet"]  # the stray part was replaced, not kept
@@ -355,7 +356,7 @@ def test_update_plan_is_found_bucket_group_by_group(tmp_path, monkeypatch):
     old = [f"a/{i:04d}.jpg" for i in range(1000)] + ["a/0007.jpg"]  # one later copy
     manifest.write_text("\n".join(old) + "\n")
     out = tmp_path / "out"
-    cfg = {"input": {"shard_size": 64, "extensions": ["jpg"]}}
+    cfg = load_config(overrides=["input.shard_size=64", "input.extensions=jpg"])
     list(plan.build_plan(str(manifest), str(out), cfg, "fp"))
     assert plan.plan_repeats(str(out)) == (0, [])
 

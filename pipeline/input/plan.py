@@ -47,7 +47,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -57,6 +57,9 @@ import pyarrow.parquet as pq
 from . import layout
 from .sources import ListingStats, list_input, manifest_batches, open_input
 from .storage import exists, join, ls, open_read, read_file, to_uri, url_to_fs, with_retries, write_atomic
+
+if TYPE_CHECKING:  # annotation only: the input wing does not load the config module
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +231,7 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def build_plan(input_url: str, output: str, cfg: dict, fingerprint: str,
+def build_plan(input_url: str, output: str, cfg: Config, fingerprint: str,
                storage_options: Optional[dict] = None) -> Iterator[Shard]:
     """List ``input_url``, write ``OUTPUT/_plan/`` (generation 0) and yield every shard in order.
 
@@ -240,10 +243,10 @@ def build_plan(input_url: str, output: str, cfg: dict, fingerprint: str,
     if exists(fs, pdir):
         with_retries(lambda: fs.rm(pdir, recursive=True), plan_dir(output))
     stats = ListingStats(kind=kind)
-    shard_size = cfg["input"]["shard_size"]
+    shard_size = cfg.input.shard_size
     num_items = num_shards = num_duplicates = 0
     if kind != "manifest":
-        items = list_input(input_url, cfg["input"]["extensions"], storage_options, stats)
+        items = list_input(input_url, list(cfg.input.extensions), storage_options, stats)
         writer = _PartWriter(fs, pdir)
         for shard in _cut_shards(items, shard_size):
             writer.add(shard, num_items)
@@ -276,7 +279,7 @@ def build_plan(input_url: str, output: str, cfg: dict, fingerprint: str,
              num_items, num_shards, num_duplicates, stats.skipped)
 
 
-def plan_update(input_url: str, output: str, cfg: dict, storage_options: Optional[dict] = None
+def plan_update(input_url: str, output: str, cfg: Config, storage_options: Optional[dict] = None
                 ) -> tuple[dict, Optional[dict]]:
     """Plan the ids of ``input_url`` that no committed generation of ``output`` holds as a new
     generation; returns ``(meta, generation)`` (``generation`` None: nothing new, nothing written).
@@ -294,13 +297,13 @@ def plan_update(input_url: str, output: str, cfg: dict, storage_options: Optiona
     gen_name = layout.plan_generation(gen)
     fs, pdir = url_to_fs(plan_dir(output), storage_options)
     stats = ListingStats(kind=kind)
-    shard_size = cfg["input"]["shard_size"]
+    shard_size = cfg.input.shard_size
     first_shard = meta["num_shards"]
     with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp, _Listing(tmp, held=True) as listing:
         if kind == "manifest":
             listing.write(manifest_batches(in_fs, in_path))
         else:
-            listing.write(_pair_batches(list_input(input_url, cfg["input"]["extensions"],
+            listing.write(_pair_batches(list_input(input_url, list(cfg.input.extensions),
                                                    storage_options, stats)))
         for part in meta.get("parts", []):
             with open_read(fs, join(pdir, part)) as f:

@@ -19,3 +19,8 @@ ARCH_TO_CONFIG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 ARCHS = tuple(a + bn for a in ARCH_TO_CONFIG for bn in ("", "_bn"))
 FC7_DIM = 4096
 NUM_CLASSES = 1000
+
+
+def dense_descriptor_dim(num_scales: int, aggregation: str) -> int:
+    """Width of the dense multi-scale descriptor: one fc7 per scale when stacked, else one."""
+    return FC7_DIM * (num_scales if aggregation == "stack" else 1)

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .mapper import Mapper
 
+if TYPE_CHECKING:  # annotation only: the model wing does not load the config module
+    from ..config import Config
 
-def make_mapper(cfg: dict, storage_options: Optional[dict], num_threads: Optional[int]) -> Mapper:
-    """The mapper of ``cfg["model"]`` on ``cfg["runtime"]``'s device and precision."""
-    m, rt = cfg["model"], cfg["runtime"]
-    kwargs = dict(device=rt["device"], precision=rt["precision"], num_threads=num_threads,
+
+def make_mapper(cfg: Config, storage_options: Optional[dict], num_threads: Optional[int]) -> Mapper:
+    """The mapper of ``cfg.model`` on ``cfg.runtime``'s device and precision."""
+    m, rt = cfg.model, cfg.runtime
+    kwargs = dict(device=rt.device, precision=rt.precision, num_threads=num_threads,
                   storage_options=storage_options)
-    if m["descriptor"] == "dense-multiscale":
+    if m.dense:
         from .descriptor import DenseExtractor
-        return DenseExtractor(m["arch"], m["weights"], scales=m["scales"],
-                              aggregation=m["scale_aggregation"], **kwargs)
+        return DenseExtractor(m.arch, m.weights, scales=m.scales,
+                              aggregation=m.scale_aggregation, **kwargs)
     from .extractor import Extractor
-    return Extractor(m["arch"], m["weights"], **kwargs)
+    return Extractor(m.arch, m.weights, **kwargs)

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..decode.preprocess import Batch, Decoded, as_batch, normalize_batch
-from .archs import NUM_CLASSES
+from .archs import NUM_CLASSES, dense_descriptor_dim
 from .extractor import Extractor
 from .mapper import OutputColumn
 from .vgg import FC7_DIM, VGG
@@ -170,7 +170,7 @@ class DenseExtractor(Extractor):
 
     @property
     def descriptor_dim(self) -> int:
-        return FC7_DIM * (len(self.scales) if self.aggregation == "stack" else 1)
+        return dense_descriptor_dim(len(self.scales), self.aggregation)
 
     @property
     def min_side(self) -> int:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..config import load_config
+from ..config import KEYS, load_config
 from ..errors import ItemError, UsageError
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,15 @@ class QueryEmbedder:
         spec = weights or recorded.get("spec")
         if not model or not spec:
             raise UsageError("the output's metadata does not record its model; pass --weights")
-        values: dict[str, Any] = {"model.arch": model["arch"], "model.weights": spec,
-                                  "model.descriptor": model.get("descriptor", "fc7")}
+        values: dict[str, Any] = {"model.arch": model["arch"], "model.weights": spec}
         if column == "descriptor":
-            if model.get("descriptor") != "dense-multiscale":
+            # Part files record ModelConfig.identity() as "model": read it back through the same keys.
+            identity = {f"model.{k}": v for k, v in model.items() if f"model.{k}" in KEYS}
+            cfg = load_config(values={**identity, **values})
+            if not cfg.model.dense:
                 raise UsageError("this output has no descriptor column (extracted with model.descriptor=fc7)")
-            values.update({"model.scales": model["scales"], "model.scale_aggregation": model["scale_aggregation"]})
-        else:
-            values["model.descriptor"] = "fc7"  # the fc7 column is the same either way; skip the dense pass
-        cfg = load_config(values=values)
+        else:  # the fc7 column is the same either way: the default model.descriptor=fc7 skips the dense pass
+            cfg = load_config(values=values)
         try:
             self.mapper = make_mapper(cfg, storage_options, None)
         except UsageError as exc:
@@ -72,11 +72,11 @@ class QueryEmbedder:
         from ..decode.cpu import decode_with_size
         from ..decode.preprocess import RESIZE, preprocess_pil
         from ..decode.preprocess import Decoded
-        inp = self.cfg["input"]
+        inp = self.cfg.input
         try:
-            data = self.fsys.read_bytes(uri, inp["max_bytes"])
-            img, (w, h) = decode_with_size(data, max_pixels=inp["max_pixels"], max_bytes=inp["max_bytes"],
-                                           min_side=max(RESIZE, *self.cfg["model"]["scales"]))
+            data = self.fsys.read_bytes(uri, inp.max_bytes)
+            img, (w, h) = decode_with_size(data, max_pixels=inp.max_pixels, max_bytes=inp.max_bytes,
+                                           min_side=max(RESIZE, *self.cfg.model.scales))
         except ItemError as exc:
             raise UsageError(f"query image {uri} cannot be used: {exc.error_type}: {exc.message}") from None
         except (OSError, ValueError) as exc:

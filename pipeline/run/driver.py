@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
-from ..config import model_fingerprint, redact
+from ..config import Config, model_fingerprint, redact
 from ..errors import JobFailed, UsageError
 from ..input import layout
 from ..input.plan import Shard, build_plan, discard_uncommitted, generations, iter_shards, plan_update, read_meta
@@ -152,7 +152,7 @@ def _init_ray(address: Optional[str]):
 
 # ----------------------------------------------------------------------------- the run
 
-def run_extract(input_url: str, output: str, cfg: dict, *, storage_options: Optional[dict] = None,
+def run_extract(input_url: str, output: str, cfg: Config, *, storage_options: Optional[dict] = None,
                 address: Optional[str] = None, overwrite: bool = False, dry_run: bool = False,
                 progress: bool = True, update: bool = False) -> dict:
     """Run (or resume) an extraction; returns the summary also stored in ``_SUCCESS.json``.
@@ -164,11 +164,10 @@ def run_extract(input_url: str, output: str, cfg: dict, *, storage_options: Opti
     t0 = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
     input_kind(input_url, storage_options)  # a missing input is a usage error before anything is written
-    m = cfg["model"]
-    w = weights_identity(m["weights"], m["arch"], storage_options)
+    w = weights_identity(cfg.model.weights, cfg.model.arch, storage_options)
     fingerprint = model_fingerprint(cfg, w.name, w.sha256)
     forget_listings(output, storage_options)  # an earlier job in this process may have cached them
-    meta = prepare_output(input_url, output, fingerprint, cfg["input"]["shard_size"], overwrite,
+    meta = prepare_output(input_url, output, fingerprint, cfg.input.shard_size, overwrite,
                           storage_options, update)
     job = job_identity(input_url, fingerprint)
 
@@ -255,7 +254,7 @@ def _drop_stale(shards: Iterator[Shard], done: set[int], output: str,
         yield shard
 
 
-def _write_success(input_url: str, output: str, cfg: dict, fingerprint: str, weights, stats: dict,
+def _write_success(input_url: str, output: str, cfg: Config, fingerprint: str, weights, stats: dict,
                    wall_s: float, storage_options: Optional[dict], run: dict,
                    planned: Optional[dict]) -> dict:
     """Write ``_SUCCESS.json``: totals over every generation, the generations, and one record per
@@ -282,7 +281,7 @@ def _write_success(input_url: str, output: str, cfg: dict, fingerprint: str, wei
                    "shards": report.shards, "duplicates": meta.get("num_duplicates", 0),
                    "skipped": meta.get("skipped", {})},
         "weights": {"name": weights.name, "sha256": weights.sha256, "random": weights.is_random},
-        "config": redact(cfg),
+        "config": redact(cfg.to_dict()),
         "run": dict(stats, total_wall_s=round(wall_s, 2)),
         "versions": {"vgg_pipeline": __version__, "torch": torch.__version__, "pyarrow": pa.__version__},
         "finished_at": run["finished_at"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence
 
+from ..config import Config
 from ..errors import UsageError
 from ..input.storage import StorageUnavailable
 from ..input.plan import Shard
@@ -17,23 +18,23 @@ log = logging.getLogger(__name__)
 CPU_ACTOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 
 
-def pool_shape(cfg: dict, ray) -> tuple[int, dict]:
+def pool_shape(cfg: Config, ray) -> tuple[int, dict]:
     """Number of actors and their Ray options: one per GPU, else one per node (docs/design.md §6)."""
-    rt = cfg["runtime"]
+    rt = cfg.runtime
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
-    if rt["device"] == "cuda" and not gpus and not rt["num_actors"]:
+    if rt.device == "cuda" and not gpus and not rt.num_actors:
         # An autoscaling cluster starts with no GPU node: pending GPU actors are what scales it up.
         raise UsageError("runtime.device=cuda but the cluster has no GPU yet; set runtime.num_actors "
                          "(how many GPU workers to request) so the autoscaler can add them")
-    if rt["device"] == "cuda" or (gpus and rt["device"] != "cpu"):
-        n = rt["num_actors"] or gpus
-        cpus = rt["cpus_per_actor"] or max(1.0, min(8.0, resources.get("CPU", 1) / max(gpus, 1) - 0.5))
+    if rt.device == "cuda" or (gpus and rt.device != "cpu"):
+        n = rt.num_actors or gpus
+        cpus = rt.cpus_per_actor or max(1.0, min(8.0, resources.get("CPU", 1) / max(gpus, 1) - 0.5))
         return n, {"num_gpus": 1, "num_cpus": cpus}
     node_cpus = sorted(n["Resources"]["CPU"] for n in nodes) or [resources.get("CPU", 1)]
-    n = rt["num_actors"] or max(1, len(node_cpus))
-    cpus = rt["cpus_per_actor"] or max(1.0, min(node_cpus[0], resources.get("CPU", 1) / n))
+    n = rt.num_actors or max(1, len(node_cpus))
+    cpus = rt.cpus_per_actor or max(1.0, min(node_cpus[0], resources.get("CPU", 1) / n))
     return n, {"num_gpus": 0, "num_cpus": float(int(cpus)) if cpus >= 1 else cpus}
 
 
@@ -49,7 +50,7 @@ class RayPool:
     """``ShardWorker`` actors spread over the cluster, never restarted by Ray (the scheduler
     replaces them), each running ``ShardWorker.MAX_CONCURRENCY`` shards at once."""
 
-    def __init__(self, ray, cfg: dict, output: str, storage_options: Optional[dict], job: dict) -> None:
+    def __init__(self, ray, cfg: Config, output: str, storage_options: Optional[dict], job: dict) -> None:
         from .worker import ShardWorker
         self.ray = ray
         self.size, self.actor_opts = pool_shape(cfg, ray)

@@ -42,6 +42,7 @@ from typing import Any, Callable, Hashable, Iterator, Optional, Protocol, Sequen
 
 import pyarrow as pa
 
+from ..config import Config
 from ..errors import ItemError, JobFailed, UsageError
 from ..input.plan import Shard
 from ..output.writer import METADATA_KEY, ShardRows, embeddings_schema, embeddings_table, errors_table, write_shard
@@ -220,17 +221,17 @@ def run_stats(shards_resumed: int = 0) -> dict[str, Any]:
 class Scheduler:
     """Runs every shard of a plan on a :class:`Pool` until each is written once (module docstring)."""
 
-    def __init__(self, pool: Pool, cfg: dict, output: str, storage_options: Optional[dict], job: dict, *,
+    def __init__(self, pool: Pool, cfg: Config, output: str, storage_options: Optional[dict], job: dict, *,
                  progress: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.pool, self.cfg, self.output, self.so, self.job = pool, cfg, output, storage_options, job
         self.progress_enabled, self.clock = progress, clock
-        rt = cfg["runtime"]
-        self.max_retries = rt["max_retries"]
-        self.timeout_s = rt["shard_timeout_s"]
+        rt = cfg.runtime
+        self.max_retries = rt.max_retries
+        self.timeout_s = rt.shard_timeout_s
         # One running + one queued with a single process() slot, so the actor never idles between
         # shards; as many as it runs at once otherwise.
         self.per_actor = max(2, pool.concurrency)
-        self.window = max(1, rt["max_shards_in_flight"] or pool.size * self.per_actor)
+        self.window = max(1, rt.max_shards_in_flight or pool.size * self.per_actor)
         self.slots: list[Slot] = []
         self.queue: deque[Work] = deque()   # re-queued shards go first, before the rest of the plan
         self.alone: deque[Work] = deque()   # suspects and charged shards: each runs on an idle actor
@@ -476,17 +477,11 @@ class Scheduler:
         shard = work.shard
         what = {"Timeout": "made no progress on", "WorkerCrashed": "died on"}.get(error_type, "failed on")
         err = ItemError("model", error_type, f"the worker {what} this image {work.attempts} times ({reason})")
-        schema = embeddings_schema(self.cfg["output"]["fc7_dtype"], self.cfg["output"]["top_k"],
-                                   self._descriptor_dim())
+        schema = embeddings_schema(self.cfg.output.fc7_dtype, self.cfg.output.top_k,
+                                   self.cfg.model.descriptor_dim)
         meta = {"shard": shard.index}
         row = (shard.ids[start], shard.uris[start], err.stage, err.error_type, err.message)
         self._piece_done(work, embeddings_table(ShardRows(), schema, meta), errors_table([row], meta))
-
-    def _descriptor_dim(self) -> Optional[int]:
-        m = self.cfg["model"]
-        if m["descriptor"] != "dense-multiscale":
-            return None
-        return 4096 * (len(m["scales"]) if m["scale_aggregation"] == "stack" else 1)
 
     def _piece_done(self, work: Work, emb: pa.Table, err: pa.Table) -> None:
         b = self.bisections[work.shard.index]

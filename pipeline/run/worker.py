@@ -40,6 +40,7 @@ import pyarrow as pa
 import torch
 
 from .. import __version__
+from ..config import Config
 from ..decode.pool import DecodePool
 from ..decode.preprocess import CROP, DESCRIPTION as PREPROCESSING, RESIZE, Batch, Decoded, normalize_batch
 from ..errors import ItemError
@@ -158,33 +159,33 @@ class ShardWorker:
     # (a finished shard's write overlaps the next one's model, see docs/benchmarks.md).
     MAX_CONCURRENCY = 2
 
-    def __init__(self, cfg: dict, output: str, storage_options: Optional[dict] = None,
+    def __init__(self, cfg: Config, output: str, storage_options: Optional[dict] = None,
                  num_threads: Optional[int] = None, job: Optional[dict] = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.cfg, self.output, self.storage_options = cfg, output, storage_options
         self.job = job  # the driver's job identity (input + model fingerprint), kept for resume checks
         self.mapper: Mapper = make_mapper(cfg, storage_options, num_threads)
-        self.fsys = FileSystems(storage_options, read_concurrency=cfg["input"]["read_concurrency"])
-        rt, inp = cfg["runtime"], cfg["input"]
-        self.batch_size = rt["batch_size"] or default_batch_size(self.mapper, cfg["model"]["arch"])
-        self.threads = rt["decode_threads"] or max(2, min(16, (os.cpu_count() or 2)))
+        self.fsys = FileSystems(storage_options, read_concurrency=cfg.input.read_concurrency)
+        rt, inp = cfg.runtime, cfg.input
+        self.batch_size = rt.batch_size or default_batch_size(self.mapper, cfg.model.arch)
+        self.threads = rt.decode_threads or max(2, min(16, (os.cpu_count() or 2)))
         # Decoded images in flight per shard: enough to keep every decode process busy.
         self.window = 2 * self.batch_size
         self.gpu_decoder = None
         self.pool: Optional[DecodePool] = None
-        if uses_gpu_decode(rt.get("decode", "auto"), self.mapper):
+        if uses_gpu_decode(rt.decode, self.mapper):
             from ..decode.gpu import GpuBatchDecoder
-            self.gpu_decoder = GpuBatchDecoder(self.mapper.device, max_pixels=inp["max_pixels"],
-                                               max_bytes=inp["max_bytes"], cpu_threads=self.threads)
+            self.gpu_decoder = GpuBatchDecoder(self.mapper.device, max_pixels=inp.max_pixels,
+                                               max_bytes=inp.max_bytes, cpu_threads=self.threads)
         elif not self.mapper.needs_image:
             # The model's cores decode too: the decode processes sleep while the model is the
             # bottleneck (they only run a bounded window ahead of it), so no core is set aside.
-            processes = rt["decode_threads"] or max(1, min(MAX_DECODE_PROCESSES, num_threads or os.cpu_count() or 2))
+            processes = rt.decode_threads or max(1, min(MAX_DECODE_PROCESSES, num_threads or os.cpu_count() or 2))
             self.window = max(self.window, 2 * processes)
             self.pool = DecodePool(processes, MATERIALISED * (self.window + self.batch_size),
-                                   max_pixels=inp["max_pixels"], max_bytes=inp["max_bytes"], resize=RESIZE,
+                                   max_pixels=inp.max_pixels, max_bytes=inp.max_bytes, resize=RESIZE,
                                    crop=CROP, min_side=max(RESIZE, self.mapper.min_side),
-                                   timeout_s=min(rt["shard_timeout_s"] / 2, 120.0))
+                                   timeout_s=min(rt.shard_timeout_s / 2, 120.0))
         self._gpu_lock = threading.Lock()
         # One thread runs the model for every shard: OpenMP keeps a team of worker threads per
         # calling thread, so a model called from two threads in turn would keep two teams spinning
@@ -192,7 +193,7 @@ class ShardWorker:
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.sequencer = ShardSequencer(MATERIALISED)
         self.writer = BackgroundWriter(WRITE_QUEUE)
-        self.schema = embeddings_schema(cfg["output"]["fc7_dtype"], cfg["output"]["top_k"],
+        self.schema = embeddings_schema(cfg.output.fc7_dtype, cfg.output.top_k,
                                         columns=self.mapper.columns)
         # Outputs are kept in their stored dtype (fc7 float16 by default), batch by batch: half the
         # memory per shard, and the conversion runs on cache-sized arrays.
@@ -217,16 +218,13 @@ class ShardWorker:
     def metadata(self, shard: Shard) -> dict:
         import pyarrow
         import torchvision
-        w, m = self.mapper.weights, self.cfg["model"]
-        model_meta = {"arch": m["arch"], "descriptor": m["descriptor"], "layer": "fc7 (after relu7)"}
-        if m["descriptor"] == "dense-multiscale":
-            model_meta.update(scales=m["scales"], scale_aggregation=m["scale_aggregation"])
+        w = self.mapper.weights
         return {
-            "model": model_meta,
+            "model": {**self.cfg.model.identity(), "layer": "fc7 (after relu7)"},
             "weights": {"spec": w.spec,
                         "name": w.name, "sha256": w.sha256, "random": w.is_random},
             "preprocessing": PREPROCESSING,
-            "dtypes": {"fc7": self.cfg["output"]["fc7_dtype"], "logits": "float32",
+            "dtypes": {"fc7": self.cfg.output.fc7_dtype, "logits": "float32",
                        "compute": self.mapper.precision, "device": self.mapper.device.type},
             "versions": {"vgg_pipeline": __version__, "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "pyarrow": pyarrow.__version__,
@@ -320,7 +318,7 @@ class ShardWorker:
     def _fetched(self, st: _ShardState, skip: set[int], before: Optional[Callable[[int], None]]
                  ) -> Iterator[tuple[int, bytes]]:
         """The shard's encoded images in plan order; read failures go to ``st.errors``."""
-        for got in fetch_shard(st.shard.uris, skip, self.fsys, max_bytes=self.cfg["input"]["max_bytes"],
+        for got in fetch_shard(st.shard.uris, skip, self.fsys, max_bytes=self.cfg.input.max_bytes,
                                threads=self.threads, prefetch=self.window, times=st.times,
                                before_item=before):
             if isinstance(got, Failed):
@@ -408,10 +406,10 @@ class ShardWorker:
                         ) -> Iterator[Batch]:
         """The reader's threads, keeping whole images for mappers that need them (PIL images do
         not cross processes cheaply)."""
-        inp = self.cfg["input"]
+        inp = self.cfg.input
         items: list[Decoded] = []
-        for res in read_shard(st.shard.uris, skip, self.fsys, max_pixels=inp["max_pixels"],
-                              max_bytes=inp["max_bytes"], threads=self.threads, prefetch=self.window,
+        for res in read_shard(st.shard.uris, skip, self.fsys, max_pixels=inp.max_pixels,
+                              max_bytes=inp.max_bytes, threads=self.threads, prefetch=self.window,
                               keep_image=self.mapper.needs_image, min_side=max(RESIZE, self.mapper.min_side),
                               times=st.times, before_item=before):
             if isinstance(res, Failed):
