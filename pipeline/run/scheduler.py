@@ -232,6 +232,7 @@ class Scheduler:
             "shards_done": 0, "shards_resumed": 0, "retries": 0, "actor_failures": 0,
             "unattributed_failures": 0, "bisected_shards": 0, "timeouts": 0, "images_this_run": 0}
         self.stage_s = {"read_s": 0.0, "decode_s": 0.0, "model_s": 0.0, "wait_s": 0.0, "write_s": 0.0}
+        self.engine_s: dict[str, dict[str, float]] = {}
 
     # -- the loop
     def run(self, shards: Iterator[Shard], done: set[int], total: Optional[int]) -> dict:
@@ -262,6 +263,11 @@ class Scheduler:
         self.stats["wall_s"] = round(elapsed, 2)
         self.stats["img_per_s"] = round(self.stats["images_this_run"] / elapsed, 2) if elapsed else 0.0
         self.stats["stage_seconds"] = {k: round(v, 2) for k, v in self.stage_s.items()}
+        if self.engine_s:  # what each GPU decode engine decoded, and its rate per busy second
+            self.stats["decode_engines"] = {
+                e: {"images": int(a["images"]), "busy_s": round(a["busy_s"], 2),
+                    "img_per_s": round(a["images"] / a["busy_s"], 1) if a["busy_s"] else None}
+                for e, a in self.engine_s.items()}
         return self.stats
 
     def _unfinished(self) -> bool:
@@ -510,6 +516,10 @@ class Scheduler:
             return
         for k in self.stage_s:
             self.stage_s[k] += result.get(k, 0.0)
+        for name, got in result.get("engines", {}).items():  # GPU decode engines (pipeline.decode.engines)
+            acc = self.engine_s.setdefault(name, {"images": 0, "busy_s": 0.0})
+            acc["images"] += got["images"]
+            acc["busy_s"] += got["busy_s"]
         self._shard_written(result["rows"] + result["errors"], result["errors"])
 
 
