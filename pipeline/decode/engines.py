@@ -208,9 +208,7 @@ class HwEngine(_Streamed):
         # Planar RGB is the (3, H, W) layout of the other engines; greyscale comes out as three planes.
         self._params = nvimgcodec.DecodeParams(apply_exif_orientation=False, color_spec=nvimgcodec.ColorSpec.SRGB,
                                                sample_format=nvimgcodec.SampleFormat.P_RGB)
-        probe = _probe_jpeg()
-        header = parse_jpeg_header(probe)
-        if header is None or self.decode([(0, probe, header)]).rejected:
+        if self.decode([probe_item()]).rejected:
             raise RuntimeError("nvImageCodec's hardware backend did not decode a baseline JPEG on "
                                f"{self.device} (no hardware JPEG engine on this card?)")
 
@@ -275,14 +273,17 @@ class PoolEngine(_Streamed):
         self.pool.close()
 
 
-def _probe_jpeg() -> bytes:
-    """A small baseline 4:2:0 JPEG, the commonest kind of photo, to test a backend with."""
+def probe_item() -> Routed:
+    """A small baseline 4:2:0 JPEG (the commonest kind of photo), routed: to test or warm up an engine."""
     from PIL import Image
     y, x = np.mgrid[0:RESIZE, 0:RESIZE]
     rgb = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+    data = buf.getvalue()
+    header = parse_jpeg_header(data)
+    assert header is not None  # PIL's own baseline JPEG
+    return (0, data, header)
 
 
 def hw_engine(device: Union[str, torch.device], chunk_pixels: int = CHUNK_PIXELS) -> Optional[HwEngine]:

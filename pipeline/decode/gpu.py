@@ -59,7 +59,7 @@ from PIL import Image
 from .balance import Balancer
 from .cpu import decode_with_size
 from .engines import (CHUNK_PIXELS, CudaEngine, Engine, EngineOutput, PoolEngine, Routed, hw_engine,
-                      on_stream, pinned_batch, resolve)
+                      on_stream, pinned_batch, probe_item, resolve)
 from ..errors import ItemError
 from .jpeg import GPU_MAX_PIXELS, JpegHeader, orient, parse_jpeg_header, route
 from .pool import DECODE_TIMEOUT_S, DecodePool
@@ -149,7 +149,9 @@ class GpuBatchDecoder:
                  cpu_slots: int = 256, decode_timeout_s: float = DECODE_TIMEOUT_S,
                  balancer: Optional[Balancer] = None) -> None:
         self.device = torch.device(device)
-        built = engines is None or any(isinstance(e, str) for e in engines)
+        built = engines is None or all(isinstance(e, str) for e in engines)
+        if not built and any(isinstance(e, str) for e in engines):
+            raise TypeError("engines: names or engine objects, not both")
         if built and self.device.type != "cuda":
             raise ValueError(f"GpuBatchDecoder needs a CUDA device, got {self.device}")
         if self.device.type == "cuda" and self.device.index is None:
@@ -179,7 +181,9 @@ class GpuBatchDecoder:
             if name == "hw":
                 out.append(hw)
             elif name == "cuda":
-                out.append(CudaEngine(self.device, chunk_pixels))
+                cuda = CudaEngine(self.device, chunk_pixels)
+                cuda.decode([probe_item()])  # nvJPEG's handles and kernels: not in the first measured rate
+                out.append(cuda)
             else:
                 # min_side RESIZE: the draft scale of cpu_decode_uint8, so its crops are the CPU path's.
                 pool = DecodePool(cpu_processes, cpu_slots, max_pixels=self.max_pixels, max_bytes=self.max_bytes,

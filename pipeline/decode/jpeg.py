@@ -130,7 +130,7 @@ def _exif_orientation(seg: bytes) -> Optional[int]:
 
 def route(data: bytes, *, max_pixels: int, max_bytes: int, gpu_max_pixels: int = GPU_MAX_PIXELS,
           progressive_on_gpu: bool = False) -> Optional[JpegHeader]:
-    """A :class:`JpegHeader` if nvJPEG should decode ``data``, ``None`` for the CPU path.
+    """A :class:`JpegHeader` if a GPU decode engine may decode ``data``, ``None`` for the CPU path.
 
     The CPU path also gets every file it must refuse (too many bytes or pixels, not an image,
     truncated), so error rows are exactly the CPU reader's.
