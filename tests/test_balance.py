@@ -106,6 +106,15 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         Balancer(["cuda", "cuda"])
     b = Balancer(["cuda"])
-    b.record("cuda", 0, 1.0)   # nothing decoded, nothing learnt
-    b.record("cuda", 5, 0.0)
+    b.record("cuda", 5, 0.0)   # no time measured: nothing learnt
+    b.record("cuda", -1, 1.0)
     assert b.rates() == {"cuda": None}
+
+
+def test_an_engine_that_rejects_its_share_loses_it():
+    b = Balancer(["hw", "cuda"])
+    counts = b.split(100)
+    b.record("hw", 0, 0.01)                      # handed everything back
+    b.record("cuda", counts["cuda"], counts["cuda"] / 1000.0)
+    assert b.rates()["hw"] > 0
+    assert _run(b, {"hw": 1000.0, "cuda": 1000.0}, 100, 1)["hw"] == 0   # dropped

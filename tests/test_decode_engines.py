@@ -139,7 +139,8 @@ def test_engines_share_a_batch_and_rejections_fall_back_in_order(corpus):
     assert hw.calls == [routed[:half]]
     assert cuda.calls == [routed[half:], routed[:2]]  # its share, then hw's rejections retried alone
     assert batch.engines.keys() == {"hw", "cuda"}
-    assert batch.engines["hw"][0] + batch.engines["cuda"][0] == len(routed)
+    # what each decoded of its share: hw handed 2 back, cuda 1 of its own
+    assert batch.engines["hw"][0] == half - 2 and batch.engines["cuda"][0] == len(routed) - half - 1
     assert batch.gpu_decoded == len(routed) - 2        # routed[0] and routed[-1] went to PIL
     assert set(dec.balancer.rates()) == {"hw", "cuda"} and all(dec.balancer.rates().values())
     assert hw.closed and cuda.closed
@@ -285,7 +286,9 @@ def test_every_engine_agrees_with_the_cpu_path_on_fc7(spec):
     for batch in batches:
         assert batch.positions == list(range(len(datas))) and not batch.failures
         assert batch.sizes == [size for _, size in ref]
-        assert sum(n for n, _ in batch.engines.values()) == len(datas)
+        # what the engines decoded of their shares (an image hw hands back is decoded by nvJPEG's retry)
+        assert 0 < sum(n for n, _ in batch.engines.values()) <= len(datas)
+        assert batch.engines.keys() <= set(dec.engine_names) | {"hw"}
         cos = row_cosines(ex(batch.normalized())[0], cpu_fc7)
         assert cos.min() >= 0.999, (spec, batch.engines, cos)
     if spec == "all":

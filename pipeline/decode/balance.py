@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 
+MIN_RATE = 1e-6   # img/s: a measured engine's floor, so a rate is never zero (shares divide by it)
+
+
 @dataclass
 class EngineRate:
     """What the balancer knows about one engine."""
@@ -52,12 +55,16 @@ class Balancer:
 
     # -- measurements
     def record(self, engine: str, images: int, busy_s: float) -> None:
-        """``engine`` decoded ``images`` in ``busy_s`` seconds of its own (wall) time."""
-        if images <= 0 or busy_s <= 0:
+        """``engine`` decoded ``images`` in ``busy_s`` seconds of its own (wall) time.
+
+        Count only what it decoded, not what it handed back: an engine that rejects its share
+        then measures slow (down to :data:`MIN_RATE`) and loses it.
+        """
+        if images < 0 or busy_s <= 0:
             return
         st = self.state[engine]
         sample = images / busy_s
-        st.rate = sample if st.rate is None else (1 - self.alpha) * st.rate + self.alpha * sample
+        st.rate = max(MIN_RATE, sample if st.rate is None else (1 - self.alpha) * st.rate + self.alpha * sample)
         st.images += images
         st.busy_s += busy_s
 

@@ -114,7 +114,7 @@ class GpuBatch:
     ready: Optional[torch.cuda.Event] = None     # recorded on the decoder's stream
     decode_s: float = 0.0                        # wall time spent making this batch
     gpu_decoded: int = 0                         # how many a GPU engine decoded (hw, cuda)
-    engines: dict[str, tuple[int, float]] = field(default_factory=dict)  # engine -> (images, busy s)
+    engines: dict[str, tuple[int, float]] = field(default_factory=dict)  # engine -> (decoded, busy s) of its share
 
     def normalized(self) -> torch.Tensor:
         """float32 normalised batch for the model, usable on the caller's current stream."""
@@ -300,8 +300,10 @@ class GpuBatchDecoder:
                 self._drop(engine)
                 done.append((engine, EngineOutput(rejected=list(part))))
                 continue
-            self.balancer.record(engine.name, len(part), busy_s)
-            stats[engine.name] = (len(part), busy_s)
+            # What it decoded (images or PIL's error rows), not what it handed back to the fallback.
+            decoded = len(out.crops) + len(out.failures)
+            self.balancer.record(engine.name, decoded, busy_s)
+            stats[engine.name] = (decoded, busy_s)
             done.append((engine, out))
         return done
 
