@@ -288,7 +288,6 @@ def test_every_engine_agrees_with_the_cpu_path_on_fc7(spec):
         assert batch.sizes == [size for _, size in ref]
         # what the engines decoded of their shares (an image hw hands back is decoded by nvJPEG's retry)
         assert 0 < sum(n for n, _ in batch.engines.values()) <= len(datas)
-        assert batch.engines.keys() <= set(dec.engine_names) | {"hw"}
         cos = row_cosines(ex(batch.normalized())[0], cpu_fc7)
         assert cos.min() >= 0.999, (spec, batch.engines, cos)
     if spec == "all":
