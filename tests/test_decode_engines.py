@@ -243,16 +243,16 @@ def test_this_box_has_no_hw_engine_and_never_needs_nvimgcodec():
         sys.modules["nvidia"] = None           # as if the [gpu] extra were not installed
         import pipeline.decode.engines, pipeline.decode.gpu, pipeline.run.worker
         from pipeline.decode.engines import hw_engine, resolve
-        from pipeline.config import load_config
-        cfg = load_config()
+        from pipeline.config import KEYS
+        default, parse = KEYS["runtime.decode_engines"]
         print(json.dumps({"hw": hw_engine("cuda:0") is not None,
-                          "engines": resolve(cfg["runtime"]["decode_engines"], hw_usable=False, cpu_processes=2),
-                          "setting": cfg["runtime"]["decode_engines"]}))
+                          "engines": resolve(default, hw_usable=False, cpu_processes=2),
+                          "setting": default, "auto": parse("auto"), "listed": parse("cpu, hw")}))
     """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got == {"hw": False, "engines": ["cuda", "cpu"], "setting": None}
+    assert got == {"hw": False, "engines": ["cuda", "cpu"], "setting": None, "auto": None, "listed": ["cpu", "hw"]}
 
 
 # -- on a GPU -------------------------------------------------------------------------------------
