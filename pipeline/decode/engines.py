@@ -295,8 +295,8 @@ def hw_engine(device: Union[str, torch.device], chunk_pixels: int = CHUNK_PIXELS
         return HwEngine(device, chunk_pixels)
     except ImportError:
         log.debug("nvImageCodec is not installed (pip install vgg-pipeline[gpu]): no hardware JPEG decoder")
-    except Exception as exc:  # noqa: BLE001 - an absent or unusable engine is not an error
-        log.info("hardware JPEG decoder unavailable on %s: %s", device, exc)
+    except Exception as exc:  # noqa: BLE001 - an unusable engine is not an error, but the extra is there
+        log.warning("nvImageCodec is installed but its hardware JPEG decoder is unusable on %s: %s", device, exc)
     return None
 
 
