@@ -116,7 +116,8 @@ def run_pipeline(data: Path, args: argparse.Namespace, workdir: Path, env: Optio
             "steady_img_per_s": rate, "startup_s": wall - images * per_image if per_image == per_image else None,
             "actor_cpu_s_per_img": actor_cpu / steady_images if steady_images else float("nan"),
             "job_cpu_s_per_img": tree_cpu / steady_images if steady_images else float("nan"),
-            "stage_seconds": run.get("stage_seconds", {}), "command": " ".join(cmd)}
+            "stage_seconds": run.get("stage_seconds", {}), "decode_engines": run.get("decode_engines", {}),
+            "command": " ".join(cmd)}
 
 
 def child_env(args: argparse.Namespace) -> Optional[dict]:
@@ -186,6 +187,11 @@ def render(runs: list[dict], model: list[dict], plain: Optional[list[dict]] = No
     for k, vals in stages.items():
         rows.append((f"actor {k.removesuffix('_s')} s (sum over shards; ms/img)",
                      f"{common.spread(vals, 1)}; {1000 * common.summary(vals)['median'] / images:.0f}"))
+    for name in runs[0].get("decode_engines", {}):  # GPU decode engines: share and rate per busy second
+        got = [r["decode_engines"].get(name, {}) for r in runs]
+        rows.append((f"decode engine {name}: images; img/s per busy s",
+                     f"{common.spread([g.get('images', 0) for g in got], 0)}; "
+                     f"{common.spread([g.get('img_per_s') or float('nan') for g in got], 0)}"))
     if model:
         rates = [m["img_per_s"] for m in model]
         cpu = [m["cpu_s_per_img"] for m in model]

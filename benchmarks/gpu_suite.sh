@@ -6,11 +6,17 @@
 #
 #   bash benchmarks/gpu_suite.sh [LOGDIR]                       # every step, ~10 minutes on an H200
 #   STEPS="test e2e" IMAGES=5000 bash benchmarks/gpu_suite.sh
+#   WHEELS=wheels STEPS="test engines" bash benchmarks/gpu_suite.sh   # with the [gpu] extra
+#
+# WHEELS: a folder holding the [gpu] extra's wheels (nvidia-nvimgcodec-cu13, nvidia-nvjpeg; fetched
+# beforehand with `pip download --no-deps`, the GPU machine has no network): installed first, so
+# the hw engine (the card's hardware JPEG decoder) is tested and measured too.
 #
 # Steps: test (pytest -m gpu), model (bf16 batch sweep), e2e (pipeline vs model-only, shard size
 # SHARD), e2e1000 (the same at shard size 1000), gpuonly (runtime.decode=gpu: nvJPEG alone),
 # cpudecode (runtime.decode=cpu), baselines (Ray Data, DataLoader), dataloader (DataLoader alone),
-# decode (nvJPEG vs PIL, no model), precisions (fp16, fp32), compile (torch.compile), ceiling (the
+# decode (nvJPEG vs PIL, no model), engines (each decode engine alone and all of them balanced, no
+# model; then end to end with each), precisions (fp16, fp32), compile (torch.compile), ceiling (the
 # CPU decode processes' input ceiling on this node's cores, stand-in model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +25,7 @@ mkdir -p "$logdir"
 images=${IMAGES:-20000}
 batch=${BATCH:-256}
 threads=${THREADS:-$(nproc)}
-steps=${STEPS:-test model e2e gpuonly decode e2e1000 cpudecode baselines precisions compile ceiling}
+steps=${STEPS:-test model e2e gpuonly decode engines e2e1000 cpudecode baselines precisions compile ceiling}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -36,14 +42,17 @@ step() {  # step NAME LIMIT_S COMMAND...
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if [[ -n "${WHEELS:-}" ]]; then
+  "$py" -m pip install --no-index --find-links "$WHEELS" "nvidia-nvimgcodec-cu13[nvjpeg]" || echo "=== [gpu] extra not installed"
+fi
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 >"$logdir/gpu_util.csv" &
 smi=$!
 trap 'kill $smi 2>/dev/null' EXIT
 
 e2e=(--device cuda --precision bf16 --batch-size "$batch" --images "$images")
 shard=(--shard-size "${SHARD:-4000}")
-step test 200 "$py" -m pytest -q -m gpu tests/test_gpu.py tests/test_precision.py tests/test_descriptor.py \
-  -p no:cacheprovider
+step test 240 "$py" -m pytest -q -m gpu tests/test_gpu.py tests/test_decode_engines.py tests/test_precision.py \
+  tests/test_descriptor.py -p no:cacheprovider
 step model 100 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size 64,128,256,512 \
   --images 8192 --repeat 3 --doc
 step e2e 120 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --compare-model-only --model-images 8192 \
@@ -51,6 +60,11 @@ step e2e 120 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --compare-
 step gpuonly 90 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --set runtime.decode=gpu --doc
 step decode 60 "$py" benchmarks/decode.py --device cuda --images 4096 --cpu-images 2048 --batch-size "$batch" \
   --threads "$threads" --doc
+step engines 120 "$py" benchmarks/decode.py --device cuda --images 4096 --cpu-images 1024 --batch-size "$batch" \
+  --threads "$threads" --processes "$threads" --engines cuda,hw,cpu,hw+cuda,all --repeat 2 --doc
+for engines in cuda cuda,cpu; do  # end to end without hw, and without the decode processes (e2e: all of them)
+  step engines 90 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --set "runtime.decode_engines=$engines" --doc
+done
 step e2e1000 90 "$py" benchmarks/end_to_end.py "${e2e[@]}" --shard-size 1000 --doc
 step dataloader 90 "$py" benchmarks/baselines.py "${e2e[@]}" --modes dataloader --num-workers 8 --doc
 step cpudecode 100 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --set runtime.decode=cpu --doc

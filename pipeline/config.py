@@ -122,6 +122,9 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "runtime.cpus_per_actor": (None, _optional(_number)),
     "runtime.decode_threads": (None, _optional(_int(1))),
     "runtime.decode": ("auto", _choice("auto", "cpu", "gpu")),
+    # GPU decode engines to balance (pipeline/decode/engines.py): auto (None) = every engine the
+    # node has, or a list of hw, cuda, cpu, to benchmark them one by one.
+    "runtime.decode_engines": (None, _optional(_list(_choice("hw", "cuda", "cpu")))),
     "runtime.max_retries": (3, _int(0)),
     "runtime.shard_timeout_s": (3600.0, _number),
     "runtime.max_shards_in_flight": (None, _optional(_int(1))),
@@ -185,6 +188,7 @@ class RuntimeConfig:
     cpus_per_actor: Optional[float]
     decode_threads: Optional[int]
     decode: str
+    decode_engines: Optional[tuple[str, ...]]
     max_retries: int
     shard_timeout_s: float
     max_shards_in_flight: Optional[int]

@@ -194,6 +194,17 @@ def exif_jpeg(img: Image.Image, orientation: int, **params: object) -> bytes:
     return encode(stored, "JPEG", quality=92, exif=exif, **params)
 
 
+def photo_jpegs() -> list[bytes]:
+    """Real photos as JPEG at realistic sizes, some with EXIF orientation, one greyscale: what a
+    GPU decode engine must agree with the CPU reader on."""
+    out = []
+    for i, (_, img) in enumerate(sample_photos()):
+        big = img.resize((img.width * 2, img.height * 2), Image.Resampling.BICUBIC) if i % 3 == 0 else img
+        out.append(exif_jpeg(big, (1, 6, 3, 8)[i % 4]) if i % 2 else encode(big, "JPEG", quality=90))
+    out.append(encode(sample_photos()[0][1].convert("L"), "JPEG", quality=90))
+    return out
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A valid all-black 1-bit PNG of ``width`` x ``height``: tens of KB on disk."""
     row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits

@@ -33,6 +33,19 @@ SMALL = {"model": {"arch": "vgg11"}, "runtime": {"batch_size": 2}, "input__shard
 
 # ----------------------------------------------------------------------------- images and weights
 
+
+def cpu_reference(data: bytes, **limits: int):
+    """The CPU reader's model input for one encoded image and its upright size."""
+    from pipeline.decode.cpu import decode_with_size
+    from pipeline.decode.preprocess import preprocess_pil
+    img, size = decode_with_size(data, min_side=256, **limits)
+    return preprocess_pil(img), size
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``."""
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
 def write_images(root: Path, n: int) -> list[str]:
     """``n`` real photos as 64x64 PNGs (preprocessing resizes to 224 anyway); returns their ids."""
     from tests.corpus import small_photo

@@ -16,6 +16,7 @@ sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
 from pipeline.model.precision import resolve_precision  # noqa: E402
+import decode  # noqa: E402
 import end_to_end  # noqa: E402
 import model_only  # noqa: E402
 
@@ -79,6 +80,18 @@ def test_model_only_prints_a_table(doc, capsys):
                                                           ["cpu", "vgg11", ran, "2", "1"]]
     assert all(_number(r[5]) > 0 for r in rows)
     assert "Model only, vgg11 on cpu" in doc.read_text()
+
+
+def test_decode_measures_the_cpu_engine_and_the_pil_threads(jpegs, doc, capsys):
+    assert decode.main(["--data", str(jpegs), "--engines", "cpu", "--processes", "1", "--threads", "1",
+                        "--batch-size", "2", "--repeat", "1", "--doc"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    engine = rows["engines cpu (batch 2)"]
+    assert _number(engine[0]) > 0 and engine[2].startswith("cpu 100% ")
+    assert _number(rows["PIL threads (1)"][0]) > 0 and rows["PIL threads (1)"][2] == "-"
+    assert "Decode throughput (no model)" in doc.read_text()
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        decode.main(["--data", str(jpegs), "--engines", "hw", "--repeat", "1"])
 
 
 def test_model_only_measures_the_plain_torchvision_loop(capsys):

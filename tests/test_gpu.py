@@ -18,8 +18,9 @@ from pipeline.decode.gpu import (GpuBatch, GpuBatchDecoder, cpu_decode_uint8, de
 from pipeline.model.batch_size import _activation_peak_elems, _param_count, auto_batch_size
 from pipeline.model.vgg import ARCHS, build_vgg
 from pipeline.decode.preprocess import normalize_batch, preprocess_pil
-from tests.corpus import (BAD_ERROR_TYPES, encode, exif_jpeg, sample_photos, small_photo, write_bad_corpus,
-                          write_good_corpus)
+from tests.corpus import (BAD_ERROR_TYPES, encode, exif_jpeg, photo_jpegs, sample_photos, small_photo,
+                          write_bad_corpus, write_good_corpus)
+from tests.helpers import cpu_reference, row_cosines
 
 LIMITS = dict(max_pixels=100_000_000, max_bytes=100_000_000)
 GOOD_GPU_IDS = {"jpeg/baseline.jpg", "jpeg/grey.jpg", "jpeg/exif_orientation_3.jpg",
@@ -215,11 +216,6 @@ def test_decode_ahead_raises_in_order_and_stops_early():
 # -- on a GPU ---------------------------------------------------------------------------------------
 
 
-def _cpu_reference(data: bytes):
-    img, size = decode_with_size(data, min_side=256, **LIMITS)
-    return preprocess_pil(img), size
-
-
 def _cpu_error(data: bytes):
     try:
         decode_with_size(data, min_side=256, **LIMITS)
@@ -228,20 +224,10 @@ def _cpu_error(data: bytes):
     return None
 
 
-def _photo_jpegs() -> list[bytes]:
-    """Real photos re-encoded as JPEG at realistic sizes, some with EXIF orientation."""
-    out = []
-    for i, (_, img) in enumerate(sample_photos()):
-        big = img.resize((img.width * 2, img.height * 2), Image.Resampling.BICUBIC) if i % 3 == 0 else img
-        out.append(exif_jpeg(big, (1, 6, 3, 8)[i % 4]) if i % 2 else encode(big, "JPEG", quality=90))
-    out.append(encode(sample_photos()[0][1].convert("L"), "JPEG", quality=90))
-    return out
-
-
 @pytest.mark.gpu
 def test_gpu_decode_agrees_with_the_cpu_path_on_fc7():
     from pipeline.model.extractor import Extractor
-    datas = _photo_jpegs()
+    datas = photo_jpegs()
     dec = GpuBatchDecoder("cuda", cpu_threads=2, **LIMITS)
     try:
         batch = dec.decode(list(enumerate(datas)))
@@ -249,17 +235,17 @@ def test_gpu_decode_agrees_with_the_cpu_path_on_fc7():
         dec.close()
     assert batch.positions == list(range(len(datas))) and not batch.failures
     assert batch.gpu_decoded == len(datas)  # every one of them went through nvJPEG
-    ref = [_cpu_reference(d) for d in datas]
+    ref = [cpu_reference(d, **LIMITS) for d in datas]
     assert batch.sizes == [size for _, size in ref]
     ex = Extractor("vgg11", "random:0", device="cuda", precision="fp32")
     gpu_fc7, _ = ex(batch.normalized())
     cpu_fc7, _ = ex(torch.stack([x for x, _ in ref]))
-    cos = (gpu_fc7 * cpu_fc7).sum(1) / (np.linalg.norm(gpu_fc7, axis=1) * np.linalg.norm(cpu_fc7, axis=1))
+    cos = row_cosines(gpu_fc7, cpu_fc7)
     assert cos.min() >= 0.999, cos
     # bf16 on the GPU path against the fp32 CPU reference: still within the docs/design.md §2 tolerance.
     ex16 = Extractor("vgg11", "random:0", device="cuda", precision="bf16")
     bf_fc7, _ = ex16(batch.normalized())
-    cos16 = (bf_fc7 * cpu_fc7).sum(1) / (np.linalg.norm(bf_fc7, axis=1) * np.linalg.norm(cpu_fc7, axis=1))
+    cos16 = row_cosines(bf_fc7, cpu_fc7)
     assert cos16.min() >= 0.999, cos16
 
 
@@ -284,14 +270,14 @@ def test_gpu_batch_mixes_fallbacks_and_errors_like_the_cpu_reader(corpus):
     # Every image, whichever decoder made it, is close to the CPU reader's pixels.
     x = batch.normalized().cpu()
     for j, pos in enumerate(batch.positions):
-        ref, _ = _cpu_reference(corpus[rels[pos]])
+        ref, _ = cpu_reference(corpus[rels[pos]], **LIMITS)
         assert (x[j] - ref).abs().mean() < 0.05, rels[pos]
 
 
 @pytest.mark.gpu
 def test_decode_ahead_feeds_the_extractor_through_decoded_items():
     from pipeline.model.extractor import Extractor
-    datas = _photo_jpegs()
+    datas = photo_jpegs()
     dec = GpuBatchDecoder("cuda", cpu_threads=2, **LIMITS)
     ex = Extractor("vgg11", "random:0", device="cuda")
     batches = [list(enumerate(datas))[i:i + 4] for i in range(0, len(datas), 4)]
@@ -407,5 +393,5 @@ def test_extract_on_cuda_decodes_on_the_gpu_and_matches_the_cpu_run(tmp_path, ph
     assert {a["decode"] for a in cpu_run["run"]["actors"]} == {"cpu"}
     assert list(gpu.ids) == list(cpu.ids) and len(gpu.ids) == 10
     a, b = gpu.vectors, cpu.vectors
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    cos = row_cosines(a, b)
     assert cos.min() >= 0.999, cos

@@ -193,7 +193,9 @@ class FakePool:
                  {"fc7": np.full((n, 4096), shard.index, np.float32), "logits": np.zeros((n, 1000), np.float32)})
         meta = {"model": {"arch": "fake"}, "shard": shard.index, "shard_digest": shard.digest, "job": JOB}
         emb, err = embeddings_table(rows, self.schema, meta), errors_table([], meta)
-        summary = {"shard": shard.index, "rows": n, "errors": 0, "model_s": 0.5}
+        summary = {"shard": shard.index, "rows": n, "errors": 0, "model_s": 0.5,
+                   # a GPU worker's decode engines (pipeline/run/worker.py): what each decoded
+                   "engines": {"cuda": {"images": n - 1, "busy_s": 0.25}, "cpu": {"images": 1, "busy_s": 0.5}}}
         if task.write:
             write_shard(self.output, shard.index, emb, err)
             self.writes[shard.index] += 1
@@ -268,6 +270,12 @@ def expected(shards: int, images: int, errors: Optional[dict] = None, skip: tupl
     out = {i: "embedded" for s in range(shards) if s not in skip for i in ids(s, images)}
     out.update(errors or {})
     return out
+
+
+def test_run_stats_sum_what_each_decode_engine_decoded(tmp_path):
+    _, _, stats = run(tmp_path, shards=4, images=3)
+    assert stats["decode_engines"] == {"cuda": {"images": 8, "busy_s": 1.0, "img_per_s": 8.0},
+                                       "cpu": {"images": 4, "busy_s": 2.0, "img_per_s": 2.0}}
 
 
 # ----------------------------------------------------------------------------- actor death

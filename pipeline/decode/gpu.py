@@ -1,15 +1,15 @@
-"""GPU decoding for CUDA workers: JPEGs decoded in batches with nvJPEG, everything else on the CPU.
+"""GPU decoding for CUDA workers: JPEGs shared among the node's decode engines, everything else on the CPU.
 
 :class:`GpuBatchDecoder` turns a batch of ``(pos, encoded bytes)`` into a uint8
 ``(N, 3, 224, 224)`` tensor on the device, the upright ``(width, height)`` of every image, and an
 ``ItemError`` for every image that cannot be decoded — the same outcome as the CPU reader
 (:mod:`pipeline.input.reader`), within the docs/design.md §2 tolerance (fc7 cosine >= 0.999).
 
-Routing is decided from the header alone (:func:`route`: a marker scan, no pixels decoded, no
-CUDA needed, a few microseconds where PIL's ``Image.open`` costs ~100):
+Routing is decided from the header alone (:func:`pipeline.decode.jpeg.route`: a marker scan, no
+pixels decoded, no CUDA needed, a few microseconds where PIL's ``Image.open`` costs ~100):
 
-* to the GPU: 8-bit Huffman-coded baseline JPEGs (and the first frame of a multi-picture JPEG)
-  in YCbCr or greyscale, ending with an end-of-image marker, within ``max_pixels`` and
+* to a GPU engine: 8-bit Huffman-coded baseline JPEGs (and the first frame of a multi-picture
+  JPEG) in YCbCr or greyscale, ending with an end-of-image marker, within ``max_pixels`` and
   ``gpu_max_pixels``;
 * to the CPU (``decode_with_size`` + the PIL resize of the recipe, per image, on a thread pool):
   everything else, so every error row is exactly the CPU reader's — other formats; CMYK/YCCK and
@@ -20,40 +20,50 @@ CUDA needed, a few microseconds where PIL's ``Image.open`` costs ~100):
   ``max_pixels`` (refused by PIL from the header) or ``gpu_max_pixels`` (decoded at a reduced
   DCT scale); anything whose header or EXIF orientation the scan is not sure about.
 
-Plain JPEGs are not shared out to the CPU pool to add its rate to nvJPEG's: tried on an H200
-(16 cores), it made the job slower (1,183 against 2,056 img/s end to end), probably because the
-PIL threads compete with the reader threads for the GIL: reading took 107 thread-seconds instead
-of 39 (docs/benchmarks.md).
+The GPU-able JPEGs of a batch are shared among the engines of the node
+(:mod:`pipeline.decode.engines`): ``hw`` (the card's hardware JPEG decoder through nvImageCodec,
+the optional ``[gpu]`` extra, where the card has one), ``cuda`` (nvJPEG's CUDA backend) and
+``cpu`` (the decode processes of :class:`pipeline.decode.pool.DecodePool`).  They run the batch
+concurrently, each its share, set by :class:`pipeline.decode.balance.Balancer` from the rates
+measured on the previous batches so they finish together (never predicted slower than the fastest
+engine alone).  The CPU engine is processes, not threads of this process: sending a share of plain
+JPEGs to 16 PIL *threads* made an H200 job slower (1,183 against 2,056 img/s end to end) because
+they competed with the reader threads for the GIL (reading took 107 thread-seconds instead of 39,
+docs/benchmarks.md).  ``runtime.decode_engines`` picks engines one by one for benchmarks.
 
-A JPEG that nvJPEG rejects after all is retried alone on the GPU, then on the CPU, so one bad file
-never costs its batch.  EXIF orientation is read from the header and applied to the decoded
-tensor (:func:`orient`).  Resize and crop run on the device (:func:`pipeline.decode.preprocess.resize_crop_uint8`);
-CPU-decoded crops travel through pinned memory.  All device work runs on the decoder's own CUDA
-stream, so a batch can be decoded (:func:`decode_ahead`, one background thread) while the model
-runs the previous one on the default stream.
+A JPEG an engine rejects is retried on the ``cuda`` engine (a chunk nvJPEG refuses is retried
+image by image), then on the CPU, so one bad file never costs its batch; an engine that fails
+outright is dropped and the others take its images.  EXIF orientation is read from the header and
+applied to the decoded tensor (:func:`pipeline.decode.jpeg.orient`) by every GPU engine.  Resize
+and crop run on the device (:func:`pipeline.decode.preprocess.resize_crop_uint8`); CPU-decoded
+crops travel through pinned memory.  Each GPU engine runs on a CUDA stream of its own and the batch
+is assembled on the decoder's, so a batch can be decoded (:func:`decode_ahead`, one background
+thread) while the model runs the previous one on the default stream.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import re
-import struct
 import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 
+from .balance import Balancer
 from .cpu import decode_with_size
+from .engines import (CHUNK_PIXELS, CudaEngine, Engine, EngineOutput, PoolEngine, Routed, hw_engine,
+                      on_stream, pinned_batch, probe_item, resolve)
 from ..errors import ItemError
-from .preprocess import CROP, RESIZE, Decoded, normalize_batch, resize_crop_uint8
+from .jpeg import GPU_MAX_PIXELS, JpegHeader, orient, parse_jpeg_header, route
+from .pool import DECODE_TIMEOUT_S, DecodePool
+from .preprocess import CROP, RESIZE, Decoded, normalize_batch
 
 log = logging.getLogger(__name__)
 
@@ -61,158 +71,12 @@ log = logging.getLogger(__name__)
 # is what docs/design.md §4 names.  Silence that one warning, not the category.
 warnings.filterwarnings("ignore", message=r".*image decoding and encoding capabilities of TorchVision.*")
 
-GPU_MAX_PIXELS = 40_000_000     # larger JPEGs decode on the CPU, at a reduced DCT scale
-CHUNK_PIXELS = 64_000_000       # decoded pixels per nvJPEG call: bounds the uint8 output buffers
-_EOI = b"\xff\xd9"
-_ORIENTATION_TAG = 0x0112
+# Re-exported: the routing rules are part of this module's contract (docs/design.md §4).
+__all__ = ["CHUNK_PIXELS", "GPU_MAX_PIXELS", "GpuBatch", "GpuBatchDecoder", "JpegHeader", "cpu_decode_uint8",
+           "decode_ahead", "orient", "parse_jpeg_header", "pil_crop_uint8", "route"]
 
 
-# -- routing (header only; no CUDA needed) ----------------------------------------------------------
-
-_SOS, _APP1, _APP14 = 0xDA, 0xE1, 0xEE
-_SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline and extended sequential, Huffman-coded
-_SOF_PROGRESSIVE = 0xC2
-_NOT_SOF = (0xC4, 0xC8, 0xCC)    # DHT, JPG, DAC share the 0xC0..0xCF range
-_WANTED = frozenset(m for m in range(0xC0, 0xD0) if m not in _NOT_SOF) | {_APP1, _APP14}
-_EXIF, _XMP = b"Exif\x00\x00", b"http://ns.adobe.com/xap/1.0/\x00"
-_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # what PIL's getexif falls back to
-
-
-@dataclass(frozen=True)
-class JpegHeader:
-    """What the GPU path needs from a JPEG header: stored size and EXIF orientation."""
-
-    width: int        # as stored, before orientation
-    height: int
-    orientation: int  # EXIF 1..8, as PIL reads it (EXIF IFD0, else XMP tiff:Orientation)
-    progressive: bool = False
-
-    @property
-    def upright_size(self) -> tuple[int, int]:
-        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
-
-
-def parse_jpeg_header(data: bytes) -> Optional[JpegHeader]:
-    """Scan the JPEG markers up to the first scan; ``None`` unless it is a plain 8-bit Huffman
-    JPEG in YCbCr or greyscale whose orientation is unambiguous.
-
-    A ``None`` is never an error: it sends the file to PIL, which decodes it or says why not.  A
-    few microseconds per file (PIL's ``Image.open`` plus ``getexif`` costs ~100 us), which matters
-    at GPU rates of thousands of images per second.
-    """
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return None
-    i, sof, exif, exif_segments, xmp, adobe_transform = 2, None, None, 0, None, None
-    while True:
-        if i >= n or data[i] != 0xFF:
-            return None
-        while i < n and data[i] == 0xFF:  # fill bytes
-            i += 1
-        if i + 3 > n:
-            return None
-        marker = data[i]
-        if marker == _SOS:
-            break
-        if marker in (0x00, 0x01, 0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:
-            return None  # no standalone markers belong before the first scan
-        length = (data[i + 1] << 8) | data[i + 2]
-        if length < 2 or i + 1 + length > n:
-            return None
-        start, i = i + 3, i + 1 + length
-        if marker not in _WANTED:
-            continue  # skip without copying (ICC profiles, thumbnails... can be 64 KB)
-        seg = data[start:i]
-        if 0xC0 <= marker <= 0xCF and marker not in _NOT_SOF:
-            if sof is not None or len(seg) < 6:
-                return None
-            sof = (marker, seg[0], (seg[1] << 8) | seg[2], (seg[3] << 8) | seg[4], seg[5])
-        elif marker == _APP1 and seg.startswith(_EXIF):
-            exif, exif_segments = seg, exif_segments + 1
-        elif marker == _APP1 and seg.startswith(_XMP):
-            xmp = seg[len(_XMP):]  # PIL keeps the last one
-        elif marker == _APP14 and seg.startswith(b"Adobe") and len(seg) >= 12:
-            adobe_transform = seg[11]
-    if sof is None:
-        return None
-    kind, precision, height, width, layers = sof
-    if kind not in _SOF_SEQUENTIAL and kind != _SOF_PROGRESSIVE:
-        return None  # lossless, hierarchical or arithmetic-coded
-    if precision != 8 or width == 0 or height == 0 or layers not in (1, 3):
-        return None
-    if layers == 3 and adobe_transform == 0:
-        return None  # Adobe APP14 says the components are RGB, not YCbCr
-    if exif_segments > 1:
-        return None  # PIL concatenates them; leave that to PIL
-    orientation = _exif_orientation(exif) if exif is not None else 0
-    if orientation is None:
-        return None
-    if orientation == 0:  # no EXIF orientation: PIL then looks in the XMP packet
-        found = _XMP_ORIENTATION.search(xmp) if xmp else None
-        orientation = int(found[2]) if found else 1
-    return JpegHeader(width, height, orientation if 1 <= orientation <= 8 else 1, kind == _SOF_PROGRESSIVE)
-
-
-def _exif_orientation(seg: bytes) -> Optional[int]:
-    """Orientation tag of IFD0 in an APP1 Exif segment: the value, 0 if absent, None if unsure."""
-    tiff = seg[len(_EXIF):]
-    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
-        return None
-    end = "<" if tiff[:2] == b"II" else ">"
-    magic, ifd = struct.unpack_from(end + "HI", tiff, 2)
-    if magic != 42 or ifd + 2 > len(tiff):
-        return None
-    (count,) = struct.unpack_from(end + "H", tiff, ifd)
-    if ifd + 2 + 12 * count > len(tiff):
-        return None
-    for k in range(count):
-        tag, typ, num = struct.unpack_from(end + "HHI", tiff, ifd + 2 + 12 * k)
-        if tag == _ORIENTATION_TAG:
-            if typ != 3 or num != 1:
-                return None
-            return struct.unpack_from(end + "H", tiff, ifd + 2 + 12 * k + 8)[0]
-    return 0
-
-
-def route(data: bytes, *, max_pixels: int, max_bytes: int, gpu_max_pixels: int = GPU_MAX_PIXELS,
-          progressive_on_gpu: bool = False) -> Optional[JpegHeader]:
-    """A :class:`JpegHeader` if nvJPEG should decode ``data``, ``None`` for the CPU path.
-
-    The CPU path also gets every file it must refuse (too many bytes or pixels, not an image,
-    truncated), so error rows are exactly the CPU reader's.
-    """
-    if not data or len(data) > max_bytes:
-        return None
-    header = parse_jpeg_header(data)
-    if header is None or (header.progressive and not progressive_on_gpu):
-        return None
-    if header.width * header.height > min(max_pixels, gpu_max_pixels) or not _has_eoi(data):
-        return None
-    return header
-
-
-def _has_eoi(data: bytes) -> bool:
-    """Ends with the JPEG end-of-image marker (trailing NULs or whitespace allowed)."""
-    return data[-64:].rstrip(b"\x00\r\n\t ").endswith(_EOI)
-
-
-def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
-    """Make a ``(C, H, W)`` tensor upright for EXIF ``orientation``, as ``ImageOps.exif_transpose``."""
-    if orientation == 2:
-        return img.flip(-1)
-    if orientation == 3:
-        return img.flip(-2, -1)
-    if orientation == 4:
-        return img.flip(-2)
-    if orientation == 5:
-        return img.transpose(-2, -1)
-    if orientation == 6:
-        return torch.rot90(img, -1, dims=(-2, -1))
-    if orientation == 7:
-        return img.transpose(-2, -1).flip(-2, -1)
-    if orientation == 8:
-        return torch.rot90(img, 1, dims=(-2, -1))
-    return img
+# -- the CPU path of a GPU batch ------------------------------------------------------------------
 
 
 def pil_crop_uint8(img: Image.Image) -> torch.Tensor:
@@ -249,7 +113,8 @@ class GpuBatch:
     failures: list[tuple[int, ItemError]] = field(default_factory=list)
     ready: Optional[torch.cuda.Event] = None     # recorded on the decoder's stream
     decode_s: float = 0.0                        # wall time spent making this batch
-    gpu_decoded: int = 0                         # how many went through nvJPEG
+    gpu_decoded: int = 0                         # how many a GPU engine decoded (hw, cuda)
+    engines: dict[str, tuple[int, float]] = field(default_factory=dict)  # engine -> (decoded, busy s) of its share
 
     def normalized(self) -> torch.Tensor:
         """float32 normalised batch for the model, usable on the caller's current stream."""
@@ -270,33 +135,82 @@ class GpuBatch:
 class GpuBatchDecoder:
     """Decodes batches of encoded images into device tensors; see the module docstring.
 
+    ``engines``: engine names (``hw``, ``cuda``, ``cpu``; ``None`` = every engine this node has),
+    or engine objects (tests run the assembly with CPU tensors that way, on any ``device``).  The
+    default, ``cuda`` alone, is the nvJPEG path.  ``cpu_processes``: decode processes of the
+    ``cpu`` engine (0: no ``cpu`` engine).
     Thread-safe for one caller at a time (``decode_ahead`` runs it in one background thread).
     """
 
     def __init__(self, device: Union[str, torch.device] = "cuda", *, max_pixels: int = 100_000_000,
                  max_bytes: int = 100_000_000, cpu_threads: int = 4, gpu_max_pixels: int = GPU_MAX_PIXELS,
-                 chunk_pixels: int = CHUNK_PIXELS, progressive_on_gpu: bool = False) -> None:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
+                 chunk_pixels: int = CHUNK_PIXELS, progressive_on_gpu: bool = False,
+                 engines: Optional[Sequence[Union[str, Engine]]] = ("cuda",), cpu_processes: int = 0,
+                 cpu_slots: int = 256, decode_timeout_s: float = DECODE_TIMEOUT_S,
+                 balancer: Optional[Balancer] = None) -> None:
         self.device = torch.device(device)
-        if self.device.type != "cuda":
+        built = engines is None or all(isinstance(e, str) for e in engines)
+        if not built and any(isinstance(e, str) for e in engines):
+            raise TypeError("engines: names or engine objects, not both")
+        if built and self.device.type != "cuda":
             raise ValueError(f"GpuBatchDecoder needs a CUDA device, got {self.device}")
-        if self.device.index is None:
+        if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
         self.max_pixels, self.max_bytes = max_pixels, max_bytes
-        self.gpu_max_pixels, self.chunk_pixels = gpu_max_pixels, chunk_pixels
-        self.progressive_on_gpu = progressive_on_gpu
-        self.stream = torch.cuda.Stream(self.device)
+        self.gpu_max_pixels, self.progressive_on_gpu = gpu_max_pixels, progressive_on_gpu
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.pool = ThreadPoolExecutor(max_workers=max(1, cpu_threads), thread_name_prefix="cpu-decode")
+        if built:
+            self.engines = self._build(engines, chunk_pixels, cpu_processes, cpu_slots, decode_timeout_s)
+        else:
+            self.engines = list(engines)
+        # Rejections are retried on nvJPEG: the cuda engine if balanced, else one of its own.
+        cuda = [e for e in self.engines if e.name == "cuda"]
+        self._own_fallback = not cuda and self.device.type == "cuda"
+        self.fallback: Optional[Engine] = cuda[0] if cuda else (
+            CudaEngine(self.device, chunk_pixels) if self._own_fallback else None)
+        self.balancer = balancer or Balancer([e.name for e in self.engines])
+        self._runner = ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="decode-engine")
+        log.info("decode engines on %s: %s", self.device, ", ".join(e.name for e in self.engines))
+
+    def _build(self, names: Optional[Sequence[str]], chunk_pixels: int, cpu_processes: int, cpu_slots: int,
+               decode_timeout_s: float) -> list[Engine]:
+        hw = hw_engine(self.device, chunk_pixels) if names is None or "hw" in names else None
+        out: list[Engine] = []
+        for name in resolve(names, hw_usable=hw is not None, cpu_processes=cpu_processes):
+            if name == "hw":
+                out.append(hw)
+            elif name == "cuda":
+                cuda = CudaEngine(self.device, chunk_pixels)
+                cuda.decode([probe_item()])  # nvJPEG's handles and kernels: not in the first measured rate
+                out.append(cuda)
+            else:
+                # min_side RESIZE: the draft scale of cpu_decode_uint8, so its crops are the CPU path's.
+                pool = DecodePool(cpu_processes, cpu_slots, max_pixels=self.max_pixels, max_bytes=self.max_bytes,
+                                  resize=RESIZE, crop=CROP, min_side=RESIZE, timeout_s=decode_timeout_s)
+                out.append(PoolEngine(self.device, pool))
+        return out
+
+    @property
+    def engine_names(self) -> list[str]:
+        return [e.name for e in self.engines]
+
+    def engine_stats(self) -> dict[str, dict]:
+        """Per engine: images decoded, busy seconds, and the rate the balancer now uses (img/s)."""
+        return {e: {"images": st.images, "busy_s": round(st.busy_s, 3),
+                    "img_per_s": round(st.rate, 1) if st.rate else None}
+                for e, st in self.balancer.state.items()}
 
     def close(self) -> None:
+        self._runner.shutdown(wait=True)
         self.pool.shutdown(wait=True)
+        for engine in self.engines + ([self.fallback] if self._own_fallback else []):
+            engine.close()
 
     def decode(self, items: list[tuple[int, bytes]]) -> GpuBatch:
         """Decode ``items`` (``(pos, bytes)``); results keep the input order, failures aside."""
         t0 = time.perf_counter()
-        gpu: list[tuple[int, bytes, JpegHeader]] = []
+        gpu: list[Routed] = []
         cpu: list[tuple[int, bytes]] = []
         for pos, data in items:
             header = route(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes,
@@ -306,14 +220,38 @@ class GpuBatchDecoder:
             else:
                 gpu.append((pos, data, header))
 
-        # CPU images decode on the pool while the GPU works through the JPEGs.
+        # CPU images decode on the pool while the engines work through the JPEGs.
         futures = {pos: self._submit_cpu(data) for pos, data in cpu}
         crops: dict[int, torch.Tensor] = {}
         sizes: dict[int, tuple[int, int]] = {}
         failures: dict[int, ItemError] = {}
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            for pos, data in self._decode_on_gpu(gpu, crops, sizes):
-                futures[pos] = self._submit_cpu(data)  # nvJPEG said no: PIL decides (image or error row)
+        retry: list[Routed] = []     # rejected by an engine other than the fallback: nvJPEG next
+        to_cpu: list[Routed] = []    # rejected by nvJPEG: PIL decides
+        stats: dict[str, tuple[int, float]] = {}
+        gpu_decoded = 0
+        for engine, out in self._run_engines(gpu, stats):
+            gpu_decoded += len(out.crops) if engine.name != "cpu" else 0
+            crops.update(out.crops)
+            sizes.update(out.sizes)
+            failures.update(out.failures)
+            (to_cpu if engine is self.fallback else retry).extend(out.rejected)
+        if retry and self.fallback is not None:
+            try:
+                out = self.fallback.decode(retry)
+            except Exception as exc:  # noqa: BLE001 - PIL still decides every image
+                log.error("nvJPEG retry failed (%s); CPU fallback for %d images", exc, len(retry))
+                out = EngineOutput(rejected=retry)
+            gpu_decoded += len(out.crops)
+            crops.update(out.crops)
+            sizes.update(out.sizes)
+            failures.update(out.failures)
+            to_cpu.extend(out.rejected)
+        else:
+            to_cpu.extend(retry)
+        for pos, data, _ in to_cpu:
+            futures[pos] = self._submit_cpu(data)  # no GPU engine could: PIL decides (image or error row)
+
+        with on_stream(self.device, self.stream):
             host: dict[int, torch.Tensor] = {}
             for pos, fut in futures.items():
                 try:
@@ -321,77 +259,71 @@ class GpuBatchDecoder:
                 except ItemError as exc:
                     failures[pos] = exc
             if host:  # CPU crops: one pinned staging batch, copied asynchronously on this stream
-                pinned = torch.empty((len(host), 3, CROP, CROP), dtype=torch.uint8, pin_memory=True)
-                torch.stack(list(host.values()), out=pinned)
-                on_device = pinned.to(self.device, non_blocking=True)
+                on_device = pinned_batch(list(host.values()), self.device)
                 crops.update((pos, on_device[j]) for j, pos in enumerate(host))
             order = [pos for pos, _ in items if pos in sizes]
             if order:
-                out = torch.stack([crops[pos] for pos in order])
+                out_pixels = torch.stack([crops[pos] for pos in order])
             else:
-                out = torch.empty((0, 3, CROP, CROP), dtype=torch.uint8, device=self.device)
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-        ready.synchronize()  # only this (background) thread waits, and decode_s is the real cost
-        return GpuBatch(order, out, [sizes[p] for p in order],
+                out_pixels = torch.empty((0, 3, CROP, CROP), dtype=torch.uint8, device=self.device)
+            ready = None
+            if self.stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
+        if ready is not None:
+            ready.synchronize()  # only this (background) thread waits, and decode_s is the real cost
+        return GpuBatch(order, out_pixels, [sizes[p] for p in order],
                         [(p, failures[p]) for p, _ in items if p in failures], ready,
-                        time.perf_counter() - t0, len(order) - len(host))
+                        time.perf_counter() - t0, gpu_decoded, stats)
+
+    def _run_engines(self, gpu: list[Routed], stats: dict[str, tuple[int, float]]
+                     ) -> list[tuple[Engine, EngineOutput]]:
+        """Each engine its share of ``gpu``, all at once; rates go to the balancer, and an engine
+        that fails outright is dropped (its share is rejected, for the fallback path)."""
+        counts = self.balancer.split(len(gpu))
+        running: list[tuple[Engine, list[Routed], Future]] = []
+        start = 0
+        for engine in list(self.engines):
+            part = gpu[start:start + counts.get(engine.name, 0)]
+            start += len(part)
+            if part:
+                running.append((engine, part, self._runner.submit(_timed, engine, part)))
+        done = []
+        for engine, part, fut in running:
+            try:
+                out, busy_s = fut.result()
+            except Exception as exc:  # noqa: BLE001 - the other engines (and PIL) take its images
+                if len(self.engines) == 1:
+                    raise
+                log.error("decode engine %s failed (%s); dropping it, the other engines take its images",
+                          engine.name, exc)
+                self._drop(engine)
+                done.append((engine, EngineOutput(rejected=list(part))))
+                continue
+            # What it decoded (images or PIL's error rows), not what it handed back to the fallback.
+            decoded = len(out.crops) + len(out.failures)
+            self.balancer.record(engine.name, decoded, busy_s)
+            stats[engine.name] = (decoded, busy_s)
+            done.append((engine, out))
+        return done
+
+    def _drop(self, engine: Engine) -> None:
+        self.engines.remove(engine)
+        self.balancer.remove(engine.name)
+        if engine is not self.fallback:
+            try:
+                engine.close()
+            except Exception as exc:  # noqa: BLE001 - it already failed; closing is best effort
+                log.warning("closing decode engine %s: %s", engine.name, exc)
 
     def _submit_cpu(self, data: bytes) -> Future:
         return self.pool.submit(cpu_decode_uint8, data, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
 
-    def _decode_on_gpu(self, gpu: list[tuple[int, bytes, JpegHeader]], crops: dict[int, torch.Tensor],
-                       sizes: dict[int, tuple[int, int]]) -> list[tuple[int, bytes]]:
-        """nvJPEG in chunks of at most ``chunk_pixels``; returns the items it could not decode."""
-        rejected: list[tuple[int, bytes]] = []
-        chunk: list[tuple[int, bytes, JpegHeader]] = []
-        pixels = 0
-        for item in gpu:
-            n = item[2].width * item[2].height
-            if chunk and pixels + n > self.chunk_pixels:
-                rejected += self._decode_chunk(chunk, crops, sizes)
-                chunk, pixels = [], 0
-            chunk.append(item)
-            pixels += n
-        if chunk:
-            rejected += self._decode_chunk(chunk, crops, sizes)
-        return rejected
 
-    def _decode_chunk(self, chunk: list[tuple[int, bytes, JpegHeader]], crops: dict[int, torch.Tensor],
-                      sizes: dict[int, tuple[int, int]]) -> list[tuple[int, bytes]]:
-        # The bitstreams reach nvJPEG from one pinned buffer (DMA rather than staged pageable
-        # copies).  decode_jpeg synchronises nvJPEG's stream before returning: the buffer is free after.
-        staging = torch.empty(sum(len(d) for _, d, _ in chunk), dtype=torch.uint8, pin_memory=True)
-        view, inputs, offset = staging.numpy(), [], 0
-        for _, data, _ in chunk:
-            view[offset:offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
-            inputs.append(staging[offset:offset + len(data)])
-            offset += len(data)
-        try:
-            decoded = self._decode_jpeg(inputs, mode=self._rgb, device=self.device)
-        except RuntimeError as exc:
-            if len(chunk) == 1:
-                log.debug("nvJPEG could not decode position %d (%s); CPU fallback", chunk[0][0], exc)
-                return [(chunk[0][0], chunk[0][1])]
-            # All or nothing: find the culprit(s) one by one, keep the rest on the GPU.
-            return [r for item in chunk for r in self._decode_chunk([item], crops, sizes)]
-        rejected: list[tuple[int, bytes]] = []
-        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor, JpegHeader]]] = {}
-        for (pos, data, header), img in zip(chunk, decoded):
-            if tuple(img.shape) != (3, header.height, header.width):
-                rejected.append((pos, data))  # not what the header promised: let PIL decide
-                continue
-            upright = orient(img, header.orientation)
-            groups.setdefault(tuple(upright.shape[-2:]), []).append((pos, upright, header))
-        # One resize per distinct size: photo collections repeat a handful of sizes, and each
-        # call costs ~100 us of Python and kernel launches whatever its batch.
-        for members in groups.values():
-            batch = torch.stack([img for _, img, _ in members]) if len(members) > 1 else members[0][1][None]
-            out = resize_crop_uint8(batch)
-            for j, (pos, _, header) in enumerate(members):
-                crops[pos] = out[j]
-                sizes[pos] = header.upright_size
-        return rejected
+def _timed(engine: Engine, part: list[Routed]) -> tuple[EngineOutput, float]:
+    t0 = time.perf_counter()
+    out = engine.decode(part)
+    return out, time.perf_counter() - t0
 
 
 def decode_ahead(batches: Iterable[list[tuple[int, bytes]]], decoder: GpuBatchDecoder,

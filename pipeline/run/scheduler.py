@@ -242,6 +242,7 @@ class Scheduler:
         self.warned_wait = False
         self.stats: dict[str, Any] = run_stats()
         self.stage_s = dict.fromkeys(STAGES, 0.0)
+        self.engine_s: dict[str, dict[str, float]] = {}
 
     # -- the loop
     def run(self, shards: Iterator[Shard], done: set[int], total: Optional[int]) -> dict:
@@ -272,6 +273,11 @@ class Scheduler:
         self.stats["wall_s"] = round(elapsed, 2)
         self.stats["img_per_s"] = round(self.stats["images_this_run"] / elapsed, 2) if elapsed else 0.0
         self.stats["stage_seconds"] = {k: round(v, 2) for k, v in self.stage_s.items()}
+        if self.engine_s:  # what each GPU decode engine decoded, and its rate per busy second
+            self.stats["decode_engines"] = {
+                e: {"images": int(a["images"]), "busy_s": round(a["busy_s"], 2),
+                    "img_per_s": round(a["images"] / a["busy_s"], 1) if a["busy_s"] else None}
+                for e, a in self.engine_s.items()}
         return self.stats
 
     def _unfinished(self) -> bool:
@@ -514,6 +520,10 @@ class Scheduler:
             return
         for k in self.stage_s:
             self.stage_s[k] += result.get(k, 0.0)
+        for name, got in result.get("engines", {}).items():  # GPU decode engines (pipeline.decode.engines)
+            acc = self.engine_s.setdefault(name, {"images": 0, "busy_s": 0.0})
+            acc["images"] += got["images"]
+            acc["busy_s"] += got["busy_s"]
         self._shard_written(result["rows"] + result["errors"], result["errors"])
 
 

@@ -8,7 +8,8 @@ and the driver keeps that many shards in flight per actor.  Per shard:
    arrival order (:class:`ShardSequencer`); a further call waits before it reads anything;
 2. *read and decode*, ahead of the model: encoded bytes from :func:`pipeline.input.reader.fetch_shard`
    (threads), decoded into uint8 crops by a pool of decode processes
-   (:class:`pipeline.decode.pool.DecodePool`, shared by the shards), or by nvJPEG on a GPU
+   (:class:`pipeline.decode.pool.DecodePool`, shared by the shards), or on a GPU node by its
+   decode engines (hardware JPEG decoder, nvJPEG, decode processes) balanced by measured rate
    (:mod:`pipeline.decode.gpu`), or, for mappers that need the whole image (the dense descriptor),
    by the reader's threads (:func:`pipeline.input.reader.read_shard`);
 3. *model*, in order: a shard's batches go to the model only once every earlier shard's are done,
@@ -135,6 +136,7 @@ class _ShardState:
     errors: list[tuple[int, ItemError]] = field(default_factory=list)   # (plan position, why)
     model_s: float = 0.0
     wait_s: float = 0.0
+    engines: dict[str, list[float]] = field(default_factory=dict)      # GPU decode engine -> [images, busy s]
 
 
 class _Serialized:
@@ -173,19 +175,24 @@ class ShardWorker:
         self.window = 2 * self.batch_size
         self.gpu_decoder = None
         self.pool: Optional[DecodePool] = None
+        # The model's cores decode too: the decode processes sleep while the model is the
+        # bottleneck (they only run a bounded window ahead of it), so no core is set aside.
+        processes = rt.decode_threads or max(1, min(MAX_DECODE_PROCESSES, num_threads or os.cpu_count() or 2))
+        decode_timeout_s = min(rt.shard_timeout_s / 2, 120.0)
         if uses_gpu_decode(rt.decode, self.mapper):
             from ..decode.gpu import GpuBatchDecoder
+            # Every engine of the node (runtime.decode_engines; None = auto), balanced by measured
+            # rate; the cpu engine's ring holds one batch (one decode call at a time).
             self.gpu_decoder = GpuBatchDecoder(self.mapper.device, max_pixels=inp.max_pixels,
-                                               max_bytes=inp.max_bytes, cpu_threads=self.threads)
+                                               max_bytes=inp.max_bytes, cpu_threads=self.threads,
+                                               engines=rt.decode_engines, cpu_processes=processes,
+                                               cpu_slots=self.batch_size, decode_timeout_s=decode_timeout_s)
         elif not self.mapper.needs_image:
-            # The model's cores decode too: the decode processes sleep while the model is the
-            # bottleneck (they only run a bounded window ahead of it), so no core is set aside.
-            processes = rt.decode_threads or max(1, min(MAX_DECODE_PROCESSES, num_threads or os.cpu_count() or 2))
             self.window = max(self.window, 2 * processes)
             self.pool = DecodePool(processes, MATERIALISED * (self.window + self.batch_size),
                                    max_pixels=inp.max_pixels, max_bytes=inp.max_bytes, resize=RESIZE,
                                    crop=CROP, min_side=max(RESIZE, self.mapper.min_side),
-                                   timeout_s=min(rt.shard_timeout_s / 2, 120.0))
+                                   timeout_s=decode_timeout_s)
         self._gpu_lock = threading.Lock()
         # One thread runs the model for every shard: OpenMP keeps a team of worker threads per
         # calling thread, so a model called from two threads in turn would keep two teams spinning
@@ -206,12 +213,22 @@ class ShardWorker:
                 "precision": self.mapper.precision, "weights": w.name, "weights_sha256": w.sha256,
                 "batch_size": self.batch_size,
                 "decode": "gpu" if self.gpu_decoder else "cpu",
+                "decode_engines": self.decode_engines(),
                 "decode_processes": self.pool.processes if self.pool else 0}
+
+    def decode_engines(self) -> list[str]:
+        """What decodes this worker's images: the GPU decoder's engines, the decode processes
+        (``cpu``), or none (the reader's threads, for mappers that need whole images)."""
+        if self.gpu_decoder is not None:
+            return list(self.gpu_decoder.engine_names)
+        return ["cpu"] if self.pool is not None else []
 
     def close(self) -> None:
         """Stop the decode processes and the writer (an actor that dies takes them with it)."""
         if self.pool is not None:
             self.pool.close()
+        if self.gpu_decoder is not None:
+            self.gpu_decoder.close()
         self.writer.close()
         self._model.shutdown(wait=True)
 
@@ -260,6 +277,8 @@ class ShardWorker:
                    "read_s": round(st.times.read_s, 3), "decode_s": round(st.times.decode_s, 3),
                    "model_s": round(st.model_s, 3), "wait_s": round(st.wait_s, 3),
                    "host": socket.gethostname(), "pid": os.getpid()}
+        if st.engines:
+            summary["engines"] = {e: {"images": int(n), "busy_s": round(s, 3)} for e, (n, s) in st.engines.items()}
         if not write:
             summary["wall_s"] = round(time.perf_counter() - t_start, 3)
             return emb, err, summary
@@ -381,7 +400,7 @@ class ShardWorker:
 
     def _gpu_batches(self, st: _ShardState, skip: set[int], before: Optional[Callable[[int], None]]
                      ) -> Iterator[Batch]:
-        """nvJPEG one batch ahead of the model (:func:`pipeline.decode.gpu.decode_ahead`), the
+        """The GPU decode engines one batch ahead of the model (:func:`pipeline.decode.gpu.decode_ahead`), the
         decoder shared by the in-flight shards one call at a time."""
         from ..decode.gpu import decode_ahead
 
@@ -398,6 +417,10 @@ class ShardWorker:
         for gb in decode_ahead(encoded(), _Serialized(self.gpu_decoder, self._gpu_lock), depth=2):
             st.times.add(0.0, gb.decode_s)
             st.errors.extend(gb.failures)
+            for name, (n, busy_s) in gb.engines.items():
+                acc = st.engines.setdefault(name, [0, 0.0])
+                acc[0] += n
+                acc[1] += busy_s
             if gb.positions:
                 yield Batch(list(gb.positions), gb.normalized(), [w for w, _ in gb.sizes],
                             [h for _, h in gb.sizes])
