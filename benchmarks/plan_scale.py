@@ -70,6 +70,7 @@ def child(input_url: str, output: str, shard_size: int) -> dict:
     """Run in a fresh interpreter: plan ``input_url`` into ``output`` and measure."""
     t_import = time.perf_counter()
     from pipeline.config import load_config
+    from pipeline.input.forms import open_input
     from pipeline.input.plan import build_plan, read_meta
     import_s = time.perf_counter() - t_import
     rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -78,7 +79,7 @@ def child(input_url: str, output: str, shard_size: int) -> dict:
     t0 = time.perf_counter()
     first_shard_s = None
     items = shards = duplicates = 0
-    for shard in build_plan(input_url, output, cfg, "benchmark"):
+    for shard in build_plan(open_input(input_url), output, cfg, "benchmark"):
         if first_shard_s is None:
             first_shard_s = time.perf_counter() - t0
         items += len(shard)
@@ -99,11 +100,12 @@ def child(input_url: str, output: str, shard_size: int) -> dict:
 def child_update(input_url: str, output: str, shard_size: int) -> dict:
     """Run in a fresh interpreter: plan what is new in ``input_url`` for ``output`` and measure."""
     from pipeline.config import load_config
+    from pipeline.input.forms import open_input
     from pipeline.input.plan import plan_update
     rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg = load_config(None, [f"input.shard_size={shard_size}"])
     cpu0, t0 = time.process_time(), time.perf_counter()
-    _, gen = plan_update(input_url, output, cfg)
+    _, gen = plan_update(open_input(input_url), output, cfg)
     return {"new": gen["num_items"] if gen else 0, "new_duplicates": gen["num_duplicates"] if gen else 0,
             "wall_s": round(time.perf_counter() - t0, 3), "cpu_s": round(time.process_time() - cpu0, 3),
             "maxrss_after_import_mb": round(rss_after_import / 1024, 1),

@@ -72,5 +72,16 @@ def photo_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def listing_corpus(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int]]]:
+    """``(root, {id: (width, height)})``: the good corpus (every format, odd names) plus the
+    sidecars and hidden entries a listing skips (``tests.corpus.SIDECAR_SKIPS``)."""
+    from tests.corpus import write_good_corpus, write_sidecars
+    root = tmp_path_factory.mktemp("listing-corpus")
+    good = write_good_corpus(root)
+    write_sidecars(root)
+    return root, good
+
+
+@pytest.fixture(scope="session")
 def vgg11_weights(tmp_path_factory) -> Path:
     return save_weights("vgg11", tmp_path_factory.mktemp("weights") / "vgg11.pth")

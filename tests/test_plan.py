@@ -5,35 +5,26 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.config import load_config
 from pipeline.input import plan as plan_mod
+from pipeline.input.forms import open_input
 from pipeline.input.plan import Shard, build_plan, iter_shards, read_meta, shard_digest
-from tests.corpus import SIDECAR_SKIPS, write_good_corpus, write_sidecars
+from tests.corpus import SIDECAR_SKIPS
 
 
 def cfg(shard_size: int) -> dict:
     return load_config(None, [f"input.shard_size={shard_size}"])
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int]]]:
-    root = tmp_path_factory.mktemp("corpus")
-    good = write_good_corpus(root)
-    write_sidecars(root)
-    return root, good
-
-
 def test_manifest_duplicate_ids_are_flagged_after_their_first_copy(tmp_path):
     lines = ["a.jpg", "b.jpg", "a.jpg", "c.jpg", "b.jpg", "a.jpg", "d.jpg"]
     (tmp_path / "m.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    shards = list(build_plan(str(tmp_path / "m.txt"), str(out), cfg(3), "fp"))
+    shards = list(build_plan(open_input(str(tmp_path / "m.txt")), str(out), cfg(3), "fp"))
     assert [s.ids for s in shards] == [lines[0:3], lines[3:6], lines[6:7]]
     assert [d for s in shards for d in s.duplicate] == [False, False, True, False, True, True, False]
     meta = read_meta(str(out))
@@ -54,7 +45,7 @@ def test_duplicates_are_found_across_hash_buckets_and_plan_parts(tmp_path, monke
     rows = ids + ids[::3] + ["img000.jpg"]  # 14 + 1 later copies
     pq.write_table(pa.table({"uri": [f"/data/{i}" for i in rows], "id": rows}), tmp_path / "m.parquet")
     out = tmp_path / "out"
-    shards = list(build_plan(str(tmp_path / "m.parquet"), str(out), cfg(5), "fp"))
+    shards = list(build_plan(open_input(str(tmp_path / "m.parquet")), str(out), cfg(5), "fp"))
     flags = [d for s in shards for d in s.duplicate]
     assert flags == [False] * 40 + [True] * 15
     assert [i for s in shards for i in s.ids] == rows
@@ -69,15 +60,16 @@ def test_folder_plan_streams_first_shard_before_the_listing_ends(tmp_path, monke
         (root / f"d{i // 10}").mkdir(parents=True, exist_ok=True)
         (root / f"d{i // 10}" / f"{i:03d}.jpg").write_bytes(b"x")
     pulled = []
-    real = plan_mod.list_input
+    source = open_input(str(root))
+    real = source.items
 
     def counting(*args, **kwargs):
         for item in real(*args, **kwargs):
             pulled.append(item[0])
             yield item
-    monkeypatch.setattr(plan_mod, "list_input", counting)
+    monkeypatch.setattr(source, "items", counting)
     out = tmp_path / "out"
-    gen = build_plan(str(root), str(out), cfg(4), "fp")
+    gen = build_plan(source, str(out), cfg(4), "fp")
     first = next(gen)
     assert first.ids == ["d0/000.jpg", "d0/001.jpg", "d0/002.jpg", "d0/003.jpg"]
     assert len(pulled) == 4  # the listing has only reached the first shard's images
@@ -89,12 +81,12 @@ def test_folder_plan_streams_first_shard_before_the_listing_ends(tmp_path, monke
     assert [s.ids for s in iter_shards(str(out))] == [first.ids] + [s.ids for s in rest]
 
 
-def test_plan_records_skipped_counts_and_replaces_an_old_plan(tmp_path, corpus):
-    root, good = corpus
+def test_plan_records_skipped_counts_and_replaces_an_old_plan(tmp_path, listing_corpus):
+    root, good = listing_corpus
     out = tmp_path / "out"
     (out / "_plan").mkdir(parents=True)
     (out / "_plan" / "part-00099.parquet").write_bytes(b"stale")
-    shards = list(build_plan(str(root), str(out), cfg(10), "fp"))
+    shards = list(build_plan(open_input(str(root)), str(out), cfg(10), "fp"))
     assert sum(len(s) for s in shards) == len(good)
     meta = json.loads((out / "_plan" / "_meta.json").read_text())
     assert meta["skipped"] == SIDECAR_SKIPS
@@ -106,7 +98,7 @@ def test_empty_manifest_and_empty_folder_plan_no_shards(tmp_path):
     (tmp_path / "empty").mkdir()
     for src in (tmp_path / "m.txt", tmp_path / "empty"):
         out = tmp_path / f"out-{src.name}"
-        assert list(build_plan(str(src), str(out), cfg(4), "fp")) == []
+        assert list(build_plan(open_input(str(src)), str(out), cfg(4), "fp")) == []
         meta = read_meta(str(out))
         assert (meta["num_items"], meta["num_shards"], meta["parts"]) == (0, 0, [])
 
@@ -122,7 +114,7 @@ def test_plan_files_and_meta_are_written_last(tmp_path, monkeypatch):
     for i in range(9):
         (root / f"{i}.jpg").write_bytes(b"x")
     out = tmp_path / "out"
-    gen = build_plan(str(root), str(out), cfg(2), "fp")
+    gen = build_plan(open_input(str(root)), str(out), cfg(2), "fp")
     next(gen)
     assert not (out / "_plan" / "_meta.json").exists()
     list(gen)
@@ -140,7 +132,8 @@ def test_plan_files_and_meta_are_written_last(tmp_path, monkeypatch):
 def test_reading_back_ignores_temporary_and_foreign_files(tmp_path):
     (tmp_path / "m.txt").write_text("a.jpg\nb.jpg\nc.jpg\n")
     out = tmp_path / "out"
-    planned = [(s.index, s.ids) for s in build_plan(str(tmp_path / "m.txt"), str(out), cfg(2), "fp")]
+    source = open_input(str(tmp_path / "m.txt"))
+    planned = [(s.index, s.ids) for s in build_plan(source, str(out), cfg(2), "fp")]
     (out / "_plan" / ".part-00001.parquet.tmp-0badf00d").write_bytes(b"half a file")  # a killed writer's
     (out / "_plan" / "notes.parquet").write_bytes(b"not ours")
     assert [(s.index, s.ids) for s in iter_shards(str(out))] == planned == [(0, ["a.jpg", "b.jpg"]), (1, ["c.jpg"])]

@@ -18,11 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
-from pipeline.input import sources, storage
+from pipeline.errors import UsageError
+from pipeline.input import storage
 from pipeline.input.reader import Fetched, fetch_shard
 from pipeline.decode.preprocess import Decoded
 from pipeline.input.reader import read_shard
-from pipeline.input.sources import ListingStats, list_input
+from pipeline.input.forms import FORMS, ListingStats, Probe, bucket, list_input, open_input
 from pipeline.input.storage import FileSystems
 from tests.corpus import encode, small_photo, tar_bytes
 from tests.fault_proxy import FaultProxy, start_moto
@@ -205,7 +206,7 @@ def test_manifest_in_a_bucket_with_storage_options(s3, vgg11_weights, ray_local)
 
 
 def test_bucket_listing_is_paged_sorted_and_skips_hidden_and_markers(s3, monkeypatch):
-    monkeypatch.setattr(sources, "LIST_PAGE", 2)
+    monkeypatch.setattr(bucket, "LIST_PAGE", 2)
     s3["proxy"].reset_log()
     stats = ListingStats()
     items = list(list_input(f"s3://{BUCKET}/in/", ["jpg", "jpeg", "png", "webp"], s3["options"], stats))
@@ -217,6 +218,22 @@ def test_bucket_listing_is_paged_sorted_and_skips_hidden_and_markers(s3, monkeyp
     # streamed two keys at a time (9 keys: 5 pages), not one big listing; the rest is the
     # one-key probe that tells a folder from a file
     assert len(pages) == 5 and all("max-keys=1&" in q for q in lists if q not in pages)
+
+
+def test_a_bucket_prefix_is_the_bucket_form_and_a_key_is_detected_by_its_name(s3):
+    """s3fs directories go to :class:`BucketForm` (before the generic folder walk); objects are
+    manifests or tars by their names, as on any filesystem."""
+    fs = FileSystems(s3["options"]).get(f"s3://{BUCKET}/")[0]
+    fs.pipe_file(f"{BUCKET}/lists/m.txt", b"../in/a.jpg\n")
+    for url in (f"s3://{BUCKET}/in/", f"s3://{BUCKET}/in", f"s3://{BUCKET}/in/sub"):
+        probe = Probe(url, *storage.url_to_fs(url, s3["options"]))
+        assert [f.__name__ for f in FORMS if f.detect(probe)] == ["BucketForm", "FolderForm"], url
+        assert type(open_input(url, s3["options"])) is bucket.BucketForm
+    source = open_input(f"s3://{BUCKET}/lists/m.txt", s3["options"])
+    assert source.kind == "manifest" and not source.streams
+    assert list(source.items(["jpg"])) == [("../in/a.jpg", f"s3://{BUCKET}/in/a.jpg")]
+    with pytest.raises(UsageError, match="not found"):
+        open_input(f"s3://{BUCKET}/nothing/", s3["options"])
 
 
 def test_one_ranged_get_per_image_and_no_head(s3):

@@ -23,9 +23,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.input import sources
 from pipeline.input.reader import Failed, Fetched, fetch_shard, read_shard
-from pipeline.input.sources import ListingStats, list_input
+from pipeline.input.forms import ListingStats, bucket, list_input
 from pipeline.input.storage import ATTEMPTS_ENV, FileSystems, StorageUnavailable, is_transient
 from tests.corpus import encode, small_photo, tar_bytes
 from tests.fault_proxy import FaultPlan, FaultProxy, first_only, start_moto
@@ -167,7 +166,7 @@ def test_transient_and_permanent_faults_are_told_apart():
 # -- listings and tars ---------------------------------------------------------------------------
 
 def test_listing_pages_are_retried_one_by_one(store, proxy, monkeypatch):
-    monkeypatch.setattr(sources, "LIST_PAGE", 2)
+    monkeypatch.setattr(bucket, "LIST_PAGE", 2)
     want = list(list_input(f"s3://{BUCKET}/in/", ["jpg"], store["options"]))
     proxy.set_plan(FaultPlan(every=2, kinds=("503", "500", "reset", "lost", "truncate")))
     proxy.reset_log()

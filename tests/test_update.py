@@ -26,6 +26,7 @@ import pytest
 import pipeline
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.input.forms import open_input
 from pipeline.input.plan import iter_shards, plan_update, read_meta
 from pipeline.output.verify import verify
 from pipeline.run import driver
@@ -251,7 +252,7 @@ def test_killed_before_commit_or_before_any_new_shard_resumes_without_update(ray
 
     new = add_images(src, 2, 3)
     cfg = load_config(overrides=["input.shard_size=2", "input.extensions=png"])
-    meta, gen = plan_update(str(src), str(out), cfg)  # what an update killed right after its commit leaves
+    meta, gen = plan_update(open_input(str(src)), str(out), cfg)  # what an update killed right after its commit leaves
     assert gen["gen"] == 1 and gen["num_items"] == 3 and meta["num_shards"] == 3
     assert gen["parts"] == ["gen-0001/part-00000.parquet"]  # the stray part was replaced, not kept
     assert [s.ids for s in iter_shards(str(out))] == [first, new[:2], new[2:]]
@@ -357,19 +358,19 @@ def test_update_plan_is_found_bucket_group_by_group(tmp_path, monkeypatch):
     manifest.write_text("\n".join(old) + "\n")
     out = tmp_path / "out"
     cfg = load_config(overrides=["input.shard_size=64", "input.extensions=jpg"])
-    list(plan.build_plan(str(manifest), str(out), cfg, "fp"))
+    list(plan.build_plan(open_input(str(manifest)), str(out), cfg, "fp"))
     assert plan.plan_repeats(str(out)) == (0, [])
 
     grown = old + [f"b/{i:04d}.jpg" for i in range(500)] + old[:300] + ["b/0003.jpg"]
     manifest.write_text("\n".join(grown) + "\n")
-    meta, gen = plan.plan_update(str(manifest), str(out), cfg)
+    meta, gen = plan.plan_update(open_input(str(manifest)), str(out), cfg)
     assert (gen["first_shard"], gen["num_items"], gen["num_duplicates"]) == (16, 501, 1)
     assert len(meta["parts"]) == 4 + 2 and meta["num_items"] == 1001 + 501
     new_shards = [s for s in plan.iter_shards(str(out)) if s.index >= 16]
     assert [i for s in new_shards for i in s.ids] == [f"b/{i:04d}.jpg" for i in range(500)] + ["b/0003.jpg"]
     assert [d for s in new_shards for d in s.duplicate] == [False] * 500 + [True]
     assert [len(s) for s in new_shards] == [64] * 7 + [53]
-    assert plan.plan_update(str(manifest), str(out), cfg)[1] is None  # nothing new the second time
+    assert plan.plan_update(open_input(str(manifest)), str(out), cfg)[1] is None  # nothing new the second time
     assert plan.plan_repeats(str(out)) == (0, [])
 
     first = out / "_plan" / "part-00003.parquet"  # holds the flagged copy of a/0007.jpg

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import UsageError
+from pipeline.input.forms import open_input
 from pipeline.input.plan import build_plan
 from pipeline.output.verify import shard_counts, verify
 from pipeline.output.writer import embeddings_schema, errors_table, write_shard
@@ -35,7 +36,8 @@ def make_output(root: Path) -> Path:
     """A complete output: plan, one embeddings file per shard (img3 an error row), _SUCCESS.json."""
     (root / "m.txt").write_text("".join(i + "\n" for i in IDS))
     out = root / "out"
-    for shard in build_plan(str(root / "m.txt"), str(out), load_config(None, ["input.shard_size=2"]), "fp"):
+    source = open_input(str(root / "m.txt"))
+    for shard in build_plan(source, str(out), load_config(None, ["input.shard_size=2"]), "fp"):
         good = [i for i in shard.ids if i not in ERROR_IDS]
         bad = [(i, f"/in/{i}", "decode", "UnidentifiedImageError", "x") for i in shard.ids if i in ERROR_IDS]
         write_shard(str(out), shard.index, embeddings(good), errors_table(bad, {}))

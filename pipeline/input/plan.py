@@ -5,11 +5,12 @@ listing the generation was planned from), ``id``, ``uri`` and ``duplicate`` (a l
 id: it becomes a ``stage=list`` error row).  ``_plan/_meta.json`` is written last; a plan
 without it is incomplete and rebuilt.
 
-Folder, bucket, glob and tar listings have unique ids by construction, so their plan streams:
-:func:`build_plan` yields each shard as soon as it is cut, while the listing goes on.  Manifests
-may repeat ids; they are planned completely first, column-wise (a million lines in a few
-seconds), and their duplicates are found out of core: the ids are hash-partitioned to local
-disk and DuckDB ranks one partition at a time, so memory stays flat as the manifest grows.
+Folder, bucket, glob and tar listings have unique ids by construction (their input form
+``streams``, :mod:`pipeline.input.forms`), so their plan streams: :func:`build_plan` yields each
+shard as soon as it is cut, while the listing goes on.  Manifests may repeat ids; they are
+planned completely first, column-wise (a million lines in a few seconds), and their duplicates
+are found out of core: the ids are hash-partitioned to local disk and DuckDB ranks one
+partition at a time, so memory stays flat as the manifest grows.
 
 Generations (``extract --update``, :func:`plan_update`).  The first plan is generation 0, its
 parts directly in ``_plan/``.  An update re-lists the input into local scratch files, hashes the
@@ -47,7 +48,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -55,7 +56,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import layout
-from .sources import ListingStats, list_input, manifest_batches, open_input
+from .forms import InputForm, ListingStats
 from .storage import exists, join, ls, open_read, read_file, to_uri, url_to_fs, with_retries, write_atomic
 
 if TYPE_CHECKING:  # annotation only: the input wing does not load the config module
@@ -231,22 +232,22 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
 
-def build_plan(input_url: str, output: str, cfg: Config, fingerprint: str,
+def build_plan(source: InputForm, output: str, cfg: Config, fingerprint: str,
                storage_options: Optional[dict] = None) -> Iterator[Shard]:
-    """List ``input_url``, write ``OUTPUT/_plan/`` (generation 0) and yield every shard in order.
+    """List ``source`` (an opened input, :func:`pipeline.input.forms.open_input`), write
+    ``OUTPUT/_plan/`` (generation 0) and yield every shard in order.
 
-    For streaming kinds the shards are yielded while the listing goes on; ``_meta.json`` is
+    For forms that stream the shards are yielded while the listing goes on; ``_meta.json`` is
     written when the generator is exhausted.
     """
-    kind, in_fs, in_path = open_input(input_url, storage_options)  # a missing input raises here
     fs, pdir = url_to_fs(plan_dir(output), storage_options)
     if exists(fs, pdir):
         with_retries(lambda: fs.rm(pdir, recursive=True), plan_dir(output))
-    stats = ListingStats(kind=kind)
+    stats = ListingStats()
     shard_size = cfg.input.shard_size
     num_items = num_shards = num_duplicates = 0
-    if kind != "manifest":
-        items = list_input(input_url, list(cfg.input.extensions), storage_options, stats)
+    if source.streams:
+        items = source.items(list(cfg.input.extensions), stats)
         writer = _PartWriter(fs, pdir)
         for shard in _cut_shards(items, shard_size):
             writer.add(shard, num_items)
@@ -257,7 +258,7 @@ def build_plan(input_url: str, output: str, cfg: Config, fingerprint: str,
         parts = writer.parts
     else:
         with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp, _Listing(tmp) as listing:
-            listing.write(manifest_batches(in_fs, in_path))
+            listing.write(source.batches(cfg["input"]["extensions"], stats))
             dup_set = pa.array(listing.buckets.duplicate_seqs(), pa.int64())
             parts = _write_selected(listing, None, dup_set, shard_size, 0, fs, pdir)
             num_items, num_duplicates = listing.rows, len(dup_set)
@@ -269,7 +270,7 @@ def build_plan(input_url: str, output: str, cfg: Config, fingerprint: str,
             "num_duplicates": num_duplicates, "shard_size": shard_size, "parts": parts,
             "skipped": stats.skipped, "created_at": created}
     meta = {
-        "version": META_VERSION, "input": input_url, "kind": kind, "fingerprint": fingerprint,
+        "version": META_VERSION, "input": source.url, "kind": source.kind, "fingerprint": fingerprint,
         "shard_size": shard_size, "num_items": num_items, "num_shards": num_shards,
         "num_duplicates": num_duplicates, "skipped": stats.skipped, "parts": parts,
         "generations": [gen0], "created_at": created,
@@ -279,15 +280,15 @@ def build_plan(input_url: str, output: str, cfg: Config, fingerprint: str,
              num_items, num_shards, num_duplicates, stats.skipped)
 
 
-def plan_update(input_url: str, output: str, cfg: Config, storage_options: Optional[dict] = None
+def plan_update(source: InputForm, output: str, cfg: Config, storage_options: Optional[dict] = None
                 ) -> tuple[dict, Optional[dict]]:
-    """Plan the ids of ``input_url`` that no committed generation of ``output`` holds as a new
-    generation; returns ``(meta, generation)`` (``generation`` None: nothing new, nothing written).
+    """Plan the ids of ``source`` (an opened input) that no committed generation of ``output``
+    holds as a new generation; returns ``(meta, generation)`` (``generation`` None: nothing new,
+    nothing written).
 
     Ids already planned keep their rows, whatever their uri is now; ids gone from the input keep
     theirs too.  ``_meta.json`` is replaced last: that write commits the generation.
     """
-    kind, in_fs, in_path = open_input(input_url, storage_options)
     meta = read_meta(output, storage_options)
     if meta is None:
         raise ValueError(f"{output} has no complete plan to update")
@@ -296,15 +297,11 @@ def plan_update(input_url: str, output: str, cfg: Config, storage_options: Optio
     gen = gens[-1]["gen"] + 1
     gen_name = layout.plan_generation(gen)
     fs, pdir = url_to_fs(plan_dir(output), storage_options)
-    stats = ListingStats(kind=kind)
+    stats = ListingStats()
     shard_size = cfg.input.shard_size
     first_shard = meta["num_shards"]
     with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp, _Listing(tmp, held=True) as listing:
-        if kind == "manifest":
-            listing.write(manifest_batches(in_fs, in_path))
-        else:
-            listing.write(_pair_batches(list_input(input_url, list(cfg.input.extensions),
-                                                   storage_options, stats)))
+        listing.write(source.batches(list(cfg.input.extensions), stats))
         for part in meta.get("parts", []):
             with open_read(fs, join(pdir, part)) as f:
                 for table in _row_groups(pq.ParquetFile(f), ["id"]):
@@ -331,20 +328,6 @@ def plan_update(input_url: str, output: str, cfg: Config, storage_options: Optio
     log.info("update: %d images listed, %d new in shards %d-%d (generation %d, %d duplicate ids)",
              listed, len(keep), first_shard, first_shard + num_shards - 1, gen, len(dup_set))
     return new_meta, entry
-
-
-def _pair_batches(items: Iterable[tuple[str, str]]) -> Iterator[tuple[pa.Array, pa.Array]]:
-    """``(id, uri)`` pairs as string column batches of ``GROUP_ROWS``."""
-    ids: list[str] = []
-    uris: list[str] = []
-    for i, u in items:
-        ids.append(i)
-        uris.append(u)
-        if len(ids) == GROUP_ROWS:
-            yield pa.array(ids, pa.string()), pa.array(uris, pa.string())
-            ids, uris = [], []
-    if ids:
-        yield pa.array(ids, pa.string()), pa.array(uris, pa.string())
 
 
 class _Listing:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 from ..decode.cpu import decode_with_size
 from ..errors import ItemError
 from ..decode.preprocess import RESIZE, Decoded, preprocess_pil
-from .sources import read_tar_members
+from .forms.tar import read_members, split_member_uri
 from .storage import (FileSystems, FileTooLarge, StorageUnavailable, is_local, open_stream, read_limited,
                       read_limited_async, redact_message)
 
@@ -60,12 +60,6 @@ class StageTimes:
             self.decode_s += decode_s
 
 
-def split_tar_uri(uri: str) -> Optional[tuple[str, str]]:
-    """``TAR_URI#member`` -> ``(TAR_URI, member)``; ``None`` for a plain file."""
-    head, sep, member = uri.partition("#")
-    return (head, member) if sep and head.lower().endswith(".tar") and member else None
-
-
 class _TarCache:
     """Streams each tar of a shard once (one GET), keeping only the members the shard wants."""
 
@@ -73,7 +67,7 @@ class _TarCache:
         self.fsys = fsys
         self.wanted: dict[str, set[str]] = {}
         for uri in uris:
-            parts = split_tar_uri(uri)
+            parts = split_member_uri(uri)
             if parts:
                 self.wanted.setdefault(parts[0], set()).add(parts[1])
         self.members: dict[str, dict[str, bytes]] = {}
@@ -87,7 +81,7 @@ class _TarCache:
                 fs, path = self.fsys.get(tar_uri)
                 try:
                     with open_stream(fs, path) as f:
-                        for name, data in read_tar_members(f, self.wanted[tar_uri]):
+                        for name, data in read_members(f, self.wanted[tar_uri]):
                             members[name] = data
                 except (tarfile.TarError, EOFError) as exc:  # members before the damage still count
                     self.damage[tar_uri] = exc
@@ -129,7 +123,7 @@ class _Fetcher:
         self._limits: dict[int, asyncio.Semaphore] = {}  # one per event loop, made on that loop
 
     def _async_fs(self, uri: str) -> Optional[tuple[Any, str]]:
-        if split_tar_uri(uri) is not None:
+        if split_member_uri(uri) is not None:
             return None
         try:
             fs, path = self.fsys.get(uri)
@@ -141,7 +135,7 @@ class _Fetcher:
 
     def depth(self, prefetch: int) -> int:
         """How many reads to keep started ahead of the consumer."""
-        remote = next((u for u in self.uris if split_tar_uri(u) is None), None)
+        remote = next((u for u in self.uris if split_member_uri(u) is None), None)
         return max(prefetch, self.concurrency) if remote and self._async_fs(remote) else prefetch
 
     def start(self, pos: int) -> Future:
@@ -169,7 +163,7 @@ class _Fetcher:
         uri = self.uris[pos]
         t0 = time.perf_counter()
         try:
-            tar = split_tar_uri(uri)
+            tar = split_member_uri(uri)
             if tar:
                 return Fetched(pos, self.tars.read(*tar))
             fs, path = self.fsys.get(uri)

@@ -423,7 +423,7 @@ class _Stream(io.RawIOBase):
         self._pos = 0
         self._body: Any = None
         self._etag: Optional[str] = None  # a resumed GET must read the same object version
-        self._kind = _stream_kind(fs)
+        self._kind = backend(fs)
         with_retries(self._open, self._what)  # a missing file raises here, as open() would
 
     def readable(self) -> bool:
@@ -481,7 +481,9 @@ class _Stream(io.RawIOBase):
         super().close()
 
 
-def _stream_kind(fs: fsspec.AbstractFileSystem) -> str:
+def backend(fs: fsspec.AbstractFileSystem) -> str:
+    """``s3`` (s3fs: raw ``call_s3`` requests), ``http`` (fsspec's aiohttp filesystem) or ``file``
+    (anything else): which of the fast paths here, and in the bucket listing, applies to ``fs``."""
     protocols = _protocols(fs)
     if "s3" in protocols and hasattr(fs, "call_s3"):
         return "s3"

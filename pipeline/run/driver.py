@@ -31,7 +31,7 @@ from ..config import Config, model_fingerprint, redact
 from ..errors import JobFailed, UsageError
 from ..input import layout
 from ..input.plan import Shard, build_plan, discard_uncommitted, generations, iter_shards, plan_update, read_meta
-from ..input.sources import input_kind
+from ..input.forms import open_input
 from ..input.storage import (exists, is_local, join, open_read, read_file, require_bucket, to_uri, url_to_fs,
                              with_retries, write_atomic)
 from ..output.verify import shard_counts
@@ -163,7 +163,7 @@ def run_extract(input_url: str, output: str, cfg: Config, *, storage_options: Op
     """
     t0 = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
-    input_kind(input_url, storage_options)  # a missing input is a usage error before anything is written
+    source = open_input(input_url, storage_options)  # a missing input: a usage error before any write
     w = weights_identity(cfg.model.weights, cfg.model.arch, storage_options)
     fingerprint = model_fingerprint(cfg, w.name, w.sha256)
     forget_listings(output, storage_options)  # an earlier job in this process may have cached them
@@ -175,7 +175,7 @@ def run_extract(input_url: str, output: str, cfg: Config, *, storage_options: Op
     planned: Optional[dict] = None  # the generation this run plans (None: it only resumes)
     if meta is not None:
         if update:  # (which first discards what an update killed while planning left)
-            meta, planned = plan_update(input_url, output, cfg, storage_options)
+            meta, planned = plan_update(source, output, cfg, storage_options)
         else:
             discard_uncommitted(output, meta, storage_options)  # an update killed while planning
         shards: Iterator[Shard] = iter_shards(output, storage_options)
@@ -185,7 +185,7 @@ def run_extract(input_url: str, output: str, cfg: Config, *, storage_options: Op
             # generation was committed): check them as after an interrupted plan
             shards = _drop_stale(shards, done, output, storage_options, job, planned["first_shard"])
     else:
-        shards = build_plan(input_url, output, cfg, fingerprint, storage_options)
+        shards = build_plan(source, output, cfg, fingerprint, storage_options)
         total = None
         planned = {"gen": 0}  # completed below from the plan's meta
         if done:  # an interrupted plan: only keep finished shards whose contents are unchanged

@@ -1,5 +1,7 @@
-"""Input listing (docs/design.md §3): folders, globs, manifests, tar shards, memory:// and http(s)://, and
-the shard reader's error rows.  The plan is tests/test_plan.py's, storage retries tests/test_storage.py's."""
+"""Input forms (pipeline/input/forms/, docs/design.md §3): detection and the registry, folders, globs,
+manifests, tar shards and their member addressing, memory:// and http(s)://, the input opened once
+per run, and the shard reader's error rows.  S3 prefixes are tests/test_s3.py's, the plan
+tests/test_plan.py's, storage retries tests/test_storage.py's."""
 
 from __future__ import annotations
 
@@ -12,18 +14,25 @@ import threading
 from pathlib import Path
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import pipeline
 from pipeline.config import IMAGE_EXTENSIONS, load_config
 from pipeline.errors import UsageError
-from pipeline.input.plan import build_plan
+from pipeline.input import forms
+from pipeline.input.plan import build_plan, iter_shards, read_meta
 from pipeline.decode.preprocess import Decoded
 from pipeline.input.reader import Failed, read_shard
-from pipeline.input.sources import ListingStats, input_kind, list_input, read_tar_members
-from pipeline.input.storage import FileSystems
-from tests.corpus import SIDECAR_SKIPS, encode, small_photo, write_good_corpus, write_sidecars
+from pipeline.input.forms import FORMS, InputForm, ListingStats, Probe, list_input, open_input
+from pipeline.input.forms.folder import FolderForm
+from pipeline.input.forms.glob import GlobForm
+from pipeline.input.forms.manifest import ManifestForm
+from pipeline.input.forms.tar import TarForm, member_uri, read_members, split_member_uri
+from pipeline.input.storage import FileSystems, url_to_fs
+from tests.corpus import SIDECAR_SKIPS, encode, small_photo
 
 
 
@@ -49,22 +58,119 @@ def reference_walk(root: Path) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, dict[str, tuple[int, int]]]:
-    root = tmp_path_factory.mktemp("corpus")
-    good = write_good_corpus(root)
-    write_sidecars(root)
-    return root, good
-
-
 def jpeg_bytes(i: int) -> bytes:
     return encode(small_photo(i), "JPEG", quality=85)
 
 
+# -- the forms: detection, the registry, streams, one open per run ---------------------------
+
+def detecting(url: str) -> list[str]:
+    """The forms whose ``detect`` says yes to ``url``, in registry order."""
+    probe = Probe(url, *url_to_fs(url))
+    return [f.__name__ for f in FORMS if f.detect(probe)]
+
+
+def test_each_form_detects_its_own_inputs_and_open_input_opens_them(tmp_path, listing_corpus):
+    root, _ = listing_corpus
+    (tmp_path / "m.txt").write_text("a.jpg\n")
+    (tmp_path / "M.CSV").write_text("uri\na.jpg\n")
+    pq.write_table(pa.table({"uri": ["a.jpg"]}), tmp_path / "m.parquet")
+    write_tar(tmp_path / "s.TAR", {"a.jpg": jpeg_bytes(0)})
+    (tmp_path / "dir.tar").mkdir()    # a directory is a folder whatever its name says
+    (tmp_path / "lists.txt").mkdir()
+    expected = {
+        str(root): FolderForm, f"memory://{tmp_path}/nothing-here-but-a-dir": FolderForm,
+        str(tmp_path / "m.txt"): ManifestForm, str(tmp_path / "M.CSV"): ManifestForm,
+        str(tmp_path / "m.parquet"): ManifestForm, str(tmp_path / "s.TAR"): TarForm,
+        str(tmp_path / "dir.tar"): FolderForm, str(tmp_path / "lists.txt"): FolderForm,
+    }
+    fsspec.filesystem("memory").mkdir(f"{tmp_path}/nothing-here-but-a-dir")
+    try:
+        for url, form in expected.items():
+            assert detecting(url) == [form.__name__], url
+            source = open_input(url)
+            assert type(source) is form and (source.url, source.kind) == (url, form.kind)
+    finally:
+        fsspec.filesystem("memory").rm(f"{tmp_path}/nothing-here-but-a-dir", recursive=True)
+    assert detecting(str(root / "jpeg" / "baseline.jpg")) == []  # an image is no form's input
+
+
+def test_a_glob_is_detected_from_its_path_without_a_lookup(listing_corpus, monkeypatch):
+    root, _ = listing_corpus
+    monkeypatch.setattr(Probe, "info", property(lambda self: pytest.fail(f"looked up {self.url}")))
+    for pattern in (f"{root}/*/*.jpg", f"{root}/jpeg/baseline.jp?", f"{root}/[jp]*/*"):
+        assert type(open_input(pattern)) is GlobForm
+
+
+def test_only_manifests_plan_without_streaming():
+    assert [(f.__name__, f.kind, f.streams) for f in FORMS] == [
+        ("GlobForm", "glob", True), ("BucketForm", "folder", True), ("FolderForm", "folder", True),
+        ("ManifestForm", "manifest", False), ("TarForm", "tar", True)]
+
+
+class LinesForm(InputForm):
+    """A throwaway form: a ``.lst`` file of absolute image paths, one a line, the file name the id."""
+
+    kind = "lines"
+
+    @classmethod
+    def detect(cls, probe: Probe) -> bool:
+        return not probe.is_dir and probe.name.endswith(".lst")
+
+    def _items(self, exts: set[str], stats: ListingStats):
+        for line in self.fs.cat_file(self.path).decode().split("\n"):
+            if line:
+                yield os.path.basename(line), line
+
+
+def test_a_new_form_is_one_class_added_to_the_registry(tmp_path, monkeypatch):
+    paths = [tmp_path / f"{n}.jpg" for n in "abc"]
+    for i, p in enumerate(paths):
+        p.write_bytes(jpeg_bytes(i))
+    lst = tmp_path / "images.lst"
+    lst.write_text("".join(f"{p}\n" for p in paths))
+    with pytest.raises(UsageError, match="not a manifest"):
+        open_input(str(lst))
+    monkeypatch.setattr(forms, "FORMS", (*FORMS, LinesForm))
+    source = open_input(str(lst))
+    assert isinstance(source, LinesForm) and source.streams
+    items, stats = listing(str(lst))
+    assert items == [(p.name, str(p)) for p in paths] and (stats.kind, stats.listed) == ("lines", 3)
+    [(ids, uris)] = list(source.batches(["jpg"]))  # the default batches: the items as columns
+    assert (ids.to_pylist(), uris.to_pylist()) == ([i for i, _ in items], [u for _, u in items])
+    out = tmp_path / "out"
+    assert [s.ids for s in build_plan(source, str(out), cfg(2), "fp")] == [["a.jpg", "b.jpg"], ["c.jpg"]]
+    assert read_meta(str(out))["kind"] == "lines"
+    assert [s.uris for s in iter_shards(str(out))] == [[str(paths[0]), str(paths[1])], [str(paths[2])]]
+
+
+def test_a_run_opens_its_input_once(tmp_path, listing_corpus, monkeypatch):
+    """Dry runs (first plan, then ``--update``) of a folder and a manifest look the input up once
+    each: the driver opens it and hands the opened form to the planner."""
+    root, good = listing_corpus
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("".join(f"{root / i}\n" for i in sorted(good)))
+    looked_up: list[str] = []
+    real = LocalFileSystem.info
+
+    def info(self, path, **kwargs):
+        looked_up.append(str(path).rstrip("/"))
+        return real(self, path, **kwargs)
+    monkeypatch.setattr(LocalFileSystem, "info", info)
+    for src in (root, manifest):
+        out = tmp_path / f"out-{src.name}"
+        for update in (False, True):
+            looked_up.clear()
+            result = pipeline.extract(str(src), str(out), weights="random:0", dry_run=True, update=update,
+                                      model={"arch": "vgg11"}, input={"shard_size": 4})
+            assert looked_up.count(str(src)) == 1, (src, update)
+            assert result["images"] == len(good) and result.get("new_images", 0) == 0
+
+
 # -- folders and globs -------------------------------------------------------------------------
 
-def test_folder_walk_is_sorted_recursive_and_skips_sidecars_and_hidden_entries(corpus):
-    root, good = corpus
+def test_folder_walk_is_sorted_recursive_and_skips_sidecars_and_hidden_entries(listing_corpus):
+    root, good = listing_corpus
     items, stats = listing(str(root))
     ids = [i for i, _ in items]
     assert sorted(ids) == sorted(good)  # every image (upper-case, unicode, spaces), no sidecar
@@ -77,8 +183,8 @@ def test_folder_walk_is_sorted_recursive_and_skips_sidecars_and_hidden_entries(c
     assert items == listing(str(root))[0]  # same listing twice
 
 
-def test_extension_filter_is_case_insensitive_and_configurable(corpus):
-    root, _ = corpus
+def test_extension_filter_is_case_insensitive_and_configurable(listing_corpus):
+    root, _ = listing_corpus
     items, stats = listing(str(root), extensions=["JPG"])
     ids = {i for i, _ in items}
     assert "upper/PHOTO.JPG" in ids and "jpeg/baseline.jpg" in ids
@@ -86,8 +192,8 @@ def test_extension_filter_is_case_insensitive_and_configurable(corpus):
     assert stats.skipped["extension:.png"] > 0
 
 
-def test_glob_lists_matches_relative_to_the_glob_root_and_skips_hidden(corpus):
-    root, good = corpus
+def test_glob_lists_matches_relative_to_the_glob_root_and_skips_hidden(listing_corpus):
+    root, good = listing_corpus
     items, stats = listing(f"{root}/jpeg/*.jpg")
     assert stats.kind == "glob"
     assert [i for i, _ in items] == sorted(r.split("/", 1)[1] for r in good
@@ -99,21 +205,21 @@ def test_glob_lists_matches_relative_to_the_glob_root_and_skips_hidden(corpus):
     assert stats.skipped.get("hidden") == 3  # ._café photo.jpg, png/.hidden.jpg, .cache/thumb.jpg
 
 
-def test_missing_input_and_non_manifest_file_are_usage_errors(tmp_path, corpus):
-    root, _ = corpus
+def test_missing_input_and_non_manifest_file_are_usage_errors(tmp_path, listing_corpus):
+    root, _ = listing_corpus
     with pytest.raises(UsageError, match="not found"):
-        input_kind(str(tmp_path / "nope"))
+        open_input(str(tmp_path / "nope"))
     with pytest.raises(UsageError, match="not a manifest"):
-        input_kind(str(root / "jpeg" / "baseline.jpg"))
+        open_input(str(root / "jpeg" / "baseline.jpg"))
     with pytest.raises(UsageError, match="not found"):
-        list(build_plan(str(tmp_path / "nope"), str(tmp_path / "out"), cfg(2), "fp"))
+        pipeline.extract(str(tmp_path / "nope"), str(tmp_path / "out"), weights="random:0", dry_run=True)
     assert not (tmp_path / "out").exists()  # nothing written for a missing input
 
 
 # -- manifests ---------------------------------------------------------------------------------
 
-def test_txt_manifest_resolves_relative_lines_against_its_folder(tmp_path, corpus):
-    root, _ = corpus
+def test_txt_manifest_resolves_relative_lines_against_its_folder(tmp_path, listing_corpus):
+    root, _ = listing_corpus
     lists = tmp_path / "lists"
     lists.mkdir()
     lines = [
@@ -248,8 +354,38 @@ def test_tar_shards_list_each_image_member_and_read_by_streaming(tmp_path):
     assert sorted(os.listdir(shards)) == before  # nothing extracted to disk
 
     data = (shards / "shard-000.tar").read_bytes()
-    got = dict(read_tar_members(NoSeek(data), {"001/c.JPEG", "000/a.jpg"}))
+    got = dict(read_members(NoSeek(data), {"001/c.JPEG", "000/a.jpg"}))
     assert got == {"000/a.jpg": members["000/a.jpg"], "001/c.JPEG": members["001/c.JPEG"]}
+
+
+def test_tar_member_addressing_round_trips_and_tells_members_from_plain_files():
+    """``TAR_URI#member`` splits at the first ``#`` right after ``.tar`` (or ``.tar?query``)."""
+    for tar, member in [("/data/s.tar", "000/a.jpg"), ("/data/s.tar", "x#1.jpg"),  # '#' in the member
+                        ("/data/batch#1/s#2.tar", "a.jpg"),  # '#' in the tar's path
+                        ("/data/S.TAR", "a.JPG"), ("s3://b/d.tar.d/s.tar", "m.tar#n.jpg"),
+                        ("https://host/s.tar?sig=a%2Fb&t=1", "a.jpg")]:  # a signed URL
+        assert split_member_uri(member_uri(tar, member)) == (tar, member)
+    for plain in ("/data/a#b.jpg", "/data/s.tar", "/data/s.tar#", "/data/s.tarx#a.jpg", "s3://b/s.tar.gz#a"):
+        assert split_member_uri(plain) is None, plain
+    # the one spelling left ambiguous: ".tar#" inside the tar's own path is taken as the split
+    assert split_member_uri(member_uri("/d/v.tar#2/s.tar", "a.jpg")) == ("/d/v.tar", "2/s.tar#a.jpg")
+
+
+def test_tar_with_hash_in_its_path_and_member_names_is_listed_and_read(tmp_path):
+    shards = tmp_path / "batch#1"
+    shards.mkdir()
+    members = {"x#1.jpg": jpeg_bytes(0), "y.jpg": jpeg_bytes(1)}
+    write_tar(shards / "s#1.tar", members)
+    (shards / "plain#1.jpg").write_bytes(jpeg_bytes(2))
+    items, _ = listing(str(tmp_path))
+    tar_uri = str(shards / "s#1.tar")
+    assert items == [("batch#1/plain#1.jpg", str(shards / "plain#1.jpg")),
+                     ("batch#1/s#1.tar#x#1.jpg", f"{tar_uri}#x#1.jpg"),
+                     ("batch#1/s#1.tar#y.jpg", f"{tar_uri}#y.jpg")]
+    results = list(read_shard([u for _, u in items], set(), FileSystems(), max_pixels=10**8, max_bytes=10**8,
+                              threads=2, prefetch=2))
+    assert [type(r) for r in results] == [Decoded] * 3
+    assert [(r.width, r.height) for r in results] == [small_photo(i).size for i in (2, 0, 1)]
 
 
 # -- http(s) -----------------------------------------------------------------------------------
@@ -289,6 +425,14 @@ def test_http_manifest_with_relative_and_absolute_urls(http_root):
     assert isinstance(results[1], Decoded) and (results[1].width, results[1].height) == small_photo(1).size
     assert isinstance(results[2], Failed) and results[2].error.stage == "read"
     assert results[2].error.error_type == "FileNotFoundError"  # a 404 is permanent: one row, no retry
+
+
+def test_an_http_url_with_a_query_is_a_manifest_not_a_glob(http_root):
+    root, base = http_root
+    (root / "q.txt").write_text("a.jpg\n")
+    url = f"{base}/q.txt?version=2"
+    assert detecting(url) == ["ManifestForm"]
+    assert [i for i, _ in open_input(url).items(["jpg"])] == ["a.jpg"]
 
 
 def test_read_errors_become_read_error_rows(tmp_path):
