@@ -258,7 +258,7 @@ def build_plan(source: InputForm, output: str, cfg: Config, fingerprint: str,
         parts = writer.parts
     else:
         with tempfile.TemporaryDirectory(prefix="vgg-plan-") as tmp, _Listing(tmp) as listing:
-            listing.write(source.batches(cfg["input"]["extensions"], stats))
+            listing.write(source.batches(list(cfg.input.extensions), stats))
             dup_set = pa.array(listing.buckets.duplicate_seqs(), pa.int64())
             parts = _write_selected(listing, None, dup_set, shard_size, 0, fs, pdir)
             num_items, num_duplicates = listing.rows, len(dup_set)
