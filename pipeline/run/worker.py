@@ -66,6 +66,31 @@ WRITE_QUEUE = 2       # finished shards waiting for the writer, beyond which a f
 MAX_DECODE_PROCESSES = 32
 
 
+def assigned_cpus() -> Optional[float]:
+    """The CPUs Ray reserved for this process (an actor's ``num_cpus``), or None outside a Ray
+    worker (the driver, a test): on a multi-GPU node ``os.cpu_count()`` is every actor's node, not
+    its share."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except AssertionError:  # Ray asserts the calling process is a worker, not the driver
+        return None
+    return float(cpus) if cpus else None
+
+
+def decode_processes(decode_threads: Optional[int], cpus: Optional[float]) -> int:
+    """CPU decode processes of one actor: ``runtime.decode_threads`` if set, else one per CPU it
+    was given (``cpus``; the machine's count when unknown), at most :data:`MAX_DECODE_PROCESSES`."""
+    if decode_threads:
+        return decode_threads
+    return max(1, min(MAX_DECODE_PROCESSES, int(cpus or os.cpu_count() or 2)))
+
+
 def uses_gpu_decode(decode: str, mapper: Mapper) -> bool:
     """JPEGs decoded with nvJPEG: ``runtime.decode`` auto or gpu, a CUDA mapper that takes 224x224
     crops (the dense descriptor needs whole images, decoded on the CPU)."""
@@ -179,7 +204,7 @@ class ShardWorker:
         elif not self.mapper.needs_image:
             # The model's cores decode too: the decode processes sleep while the model is the
             # bottleneck (they only run a bounded window ahead of it), so no core is set aside.
-            processes = rt["decode_threads"] or max(1, min(MAX_DECODE_PROCESSES, num_threads or os.cpu_count() or 2))
+            processes = decode_processes(rt["decode_threads"], num_threads or assigned_cpus())
             self.window = max(self.window, 2 * processes)
             self.pool = DecodePool(processes, MATERIALISED * (self.window + self.batch_size),
                                    max_pixels=inp["max_pixels"], max_bytes=inp["max_bytes"], resize=RESIZE,
