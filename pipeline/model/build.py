@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from .mapper import Mapper
+
+log = logging.getLogger(__name__)
 
 
 def make_mapper(cfg: dict, storage_options: Optional[dict], num_threads: Optional[int]) -> Mapper:
@@ -14,7 +17,9 @@ def make_mapper(cfg: dict, storage_options: Optional[dict], num_threads: Optiona
                   storage_options=storage_options)
     if m["descriptor"] == "dense-multiscale":
         from .descriptor import DenseExtractor
+        if rt["compile"] == "on":  # whole images of every shape: one compiled shape would not serve them
+            log.warning("runtime.compile=on applies to descriptor fc7; the dense descriptor runs eager")
         return DenseExtractor(m["arch"], m["weights"], scales=m["scales"],
                               aggregation=m["scale_aggregation"], **kwargs)
     from .extractor import Extractor
-    return Extractor(m["arch"], m["weights"], **kwargs)
+    return Extractor(m["arch"], m["weights"], compile=rt["compile"], **kwargs)

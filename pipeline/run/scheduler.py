@@ -230,7 +230,8 @@ class Scheduler:
         self.warned_wait = False
         self.stats: dict[str, Any] = {
             "shards_done": 0, "shards_resumed": 0, "retries": 0, "actor_failures": 0,
-            "unattributed_failures": 0, "bisected_shards": 0, "timeouts": 0, "images_this_run": 0}
+            "unattributed_failures": 0, "bisected_shards": 0, "timeouts": 0, "images_this_run": 0,
+            "images_compiled": 0}
         self.stage_s = {"read_s": 0.0, "decode_s": 0.0, "model_s": 0.0, "wait_s": 0.0, "write_s": 0.0}
 
     # -- the loop
@@ -349,7 +350,7 @@ class Scheduler:
             slot.ready = True
             log.info("actor ready: %s", slot.info)
             self.stats.setdefault("actors", []).append(
-                {k: slot.info.get(k) for k in ("host", "device", "precision", "batch_size", "decode")})
+                {k: slot.info.get(k) for k in ("host", "device", "precision", "batch_size", "decode", "compile")})
             return
         message = outcome.error
         self.slots.remove(slot)
@@ -510,6 +511,7 @@ class Scheduler:
             return
         for k in self.stage_s:
             self.stage_s[k] += result.get(k, 0.0)
+        self.stats["images_compiled"] += result.get("compiled", 0)   # by the torch.compile'd model
         self._shard_written(result["rows"] + result["errors"], result["errors"])
 
 

@@ -159,6 +159,7 @@ class _ShardState:
     errors: list[tuple[int, ItemError]] = field(default_factory=list)   # (plan position, why)
     model_s: float = 0.0
     wait_s: float = 0.0
+    compiled: int = 0       # images the torch.compile'd model embedded (the rest ran eager)
 
 
 class _Serialized:
@@ -230,7 +231,8 @@ class ShardWorker:
                 "precision": self.mapper.precision, "weights": w.name, "weights_sha256": w.sha256,
                 "batch_size": self.batch_size,
                 "decode": "gpu" if self.gpu_decoder else "cpu",
-                "decode_processes": self.pool.processes if self.pool else 0}
+                "decode_processes": self.pool.processes if self.pool else 0,
+                "compile": self.cfg["runtime"]["compile"]}
 
     def close(self) -> None:
         """Stop the decode processes and the writer (an actor that dies takes them with it)."""
@@ -239,7 +241,7 @@ class ShardWorker:
         self.writer.close()
         self._model.shutdown(wait=True)
 
-    def metadata(self, shard: Shard) -> dict:
+    def metadata(self, shard: Shard, compiled_rows: int = 0) -> dict:
         import pyarrow
         import torchvision
         w, m = self.mapper.weights, self.cfg["model"]
@@ -253,6 +255,8 @@ class ShardWorker:
             "preprocessing": PREPROCESSING,
             "dtypes": {"fc7": self.cfg["output"]["fc7_dtype"], "logits": "float32",
                        "compute": self.mapper.precision, "device": self.mapper.device.type},
+            # Compiled and eager agree within the precision's tolerance: not part of the fingerprint.
+            "compile": {"setting": self.cfg["runtime"]["compile"], "rows": compiled_rows},
             "versions": {"vgg_pipeline": __version__, "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "pyarrow": pyarrow.__version__,
                          "python": platform.python_version()},
@@ -279,13 +283,13 @@ class ShardWorker:
         finally:
             self.sequencer.finish(ticket)  # the next shard's batches may go to the model now
 
-        meta = self.metadata(shard)
+        meta = self.metadata(shard, st.compiled)
         st.errors.sort(key=lambda e: e[0])
         errors = [(shard.ids[p], shard.uris[p], e.stage, e.error_type, e.message) for p, e in st.errors]
         emb, err = embeddings_table(st.rows, self.schema, meta), errors_table(errors, meta)
         summary = {"shard": shard.index, "rows": emb.num_rows, "errors": err.num_rows,
                    "read_s": round(st.times.read_s, 3), "decode_s": round(st.times.decode_s, 3),
-                   "model_s": round(st.model_s, 3), "wait_s": round(st.wait_s, 3),
+                   "model_s": round(st.model_s, 3), "wait_s": round(st.wait_s, 3), "compiled": st.compiled,
                    "host": socket.gethostname(), "pid": os.getpid()}
         if not write:
             summary["wall_s"] = round(time.perf_counter() - t_start, 3)
@@ -316,6 +320,8 @@ class ShardWorker:
                 if crash_id and any(shard.ids[p] == crash_id for p in batch.positions):
                     os._exit(17)
                 t0 = time.perf_counter()
+                # Only the model thread moves the counter, and only this shard has the model now.
+                compiled0 = getattr(self.mapper, "compiled_images", 0)
                 for part, out in self._model.submit(self._embed, batch).result():
                     if isinstance(out, ItemError):
                         st.errors.extend((p, out) for p in part.positions)
@@ -324,6 +330,7 @@ class ShardWorker:
                         st.rows.add([shard.ids[p] for p in part.positions],
                                     [shard.uris[p] for p in part.positions], part.widths, part.heights, out)
                 st.model_s += time.perf_counter() - t0
+                st.compiled += getattr(self.mapper, "compiled_images", 0) - compiled0
         finally:
             batches.close()  # a failed shard stops its readers and frees its decode slots
         if turn_started is not None:
