@@ -4,18 +4,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from pipeline.config import load_config
 from pipeline.errors import UsageError
+from pipeline.input.layout import EMBEDDINGS_DIR, part_name
+from pipeline.input.plan import Shard
 from pipeline.model import compiled as compiled_mod
 from pipeline.model.compiled import AUTO_AFTER_IMAGES, BackgroundCompiler, cache_dir, parse_setting, wanted
 from pipeline.model.extractor import Extractor
 from pipeline.model.precision import cpu_has_native_bf16
+from pipeline.output.writer import METADATA_KEY
+from pipeline.run.worker import ShardWorker
+from tests.corpus import write_good_corpus
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -147,3 +154,29 @@ def test_torch_compile_matches_eager_and_caches_its_kernels(precision, tmp_path,
         np.testing.assert_allclose(fc7, eager_fc7, rtol=1e-3, atol=1e-4)
     assert (logits.argmax(1) == eager_logits.argmax(1)).all()
     assert any((tmp_path / "cache").rglob("*")), "nothing cached"
+
+
+def test_worker_records_the_rows_the_compiled_model_embedded(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", StandIn)   # in this process only: no Inductor here
+    ids = sorted(write_good_corpus(tmp_path / "in", 6))
+    cfg = load_config(overrides=["model.arch=vgg11", "model.weights=random:0", "runtime.device=cpu",
+                                 "runtime.precision=fp32", "runtime.batch_size=3",
+                                 "runtime.decode_threads=1", "runtime.compile=on"])
+    out = tmp_path / "out"
+    w = ShardWorker(cfg, str(out))
+    try:
+        assert w.ready()["compile"] == "on"
+        shards = [Shard(i, ids, [str(tmp_path / "in" / x) for x in ids], duplicate=[False] * 6)
+                  for i in range(2)]
+        first = w.process(shards[0])            # starts the compile on its first batch
+        assert w.mapper.compiler.wait(60) and w.mapper.compiler.state == "ready"
+        second = w.process(shards[1])           # compiled from its first batch on
+    finally:
+        w.close()
+    assert 0 <= first["compiled"] <= 3 and second["compiled"] == 6
+    for summary in (first, second):
+        meta = json.loads(pq.read_schema(out / EMBEDDINGS_DIR / part_name(summary["shard"])).metadata[METADATA_KEY])
+        assert meta["compile"] == {"setting": "on", "rows": summary["compiled"]}
+    a, b = (pq.read_table(out / EMBEDDINGS_DIR / part_name(i)) for i in range(2))
+    np.testing.assert_allclose(np.stack(b["fc7"].to_numpy(zero_copy_only=False)),
+                               np.stack(a["fc7"].to_numpy(zero_copy_only=False)), rtol=1e-4, atol=1e-5)
