@@ -180,3 +180,25 @@ def test_worker_records_the_rows_the_compiled_model_embedded(tmp_path, monkeypat
     a, b = (pq.read_table(out / EMBEDDINGS_DIR / part_name(i)) for i in range(2))
     np.testing.assert_allclose(np.stack(b["fc7"].to_numpy(zero_copy_only=False)),
                                np.stack(a["fc7"].to_numpy(zero_copy_only=False)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_background_compile_on_cuda_matches_eager_bf16():
+    """On the GPU: built in its thread while the eager model keeps serving, swapped in, within bf16's
+    tolerance of eager, same top-1."""
+    ex = Extractor("vgg11", "random:0", device="cuda", precision="bf16", compile="on")
+    x = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    eager_fc7, eager_logits = ex(x)
+    while not ex.compiler.wait(0):     # the eager model serves batches during the build
+        before = ex.compiled_images
+        fc7, _ = ex(x)
+        if ex.compiled_images == before:   # (the build may finish between the check and the call)
+            assert _cosine(fc7, eager_fc7).min() >= 0.99999
+    assert ex.compiler.state == "ready", ex.compiler.state
+    served = ex.compiled_images
+    fc7, logits = ex(x)
+    assert ex.compiled_images == served + 16
+    assert _cosine(fc7, eager_fc7).min() >= 0.999
+    assert (logits.argmax(1) == eager_logits.argmax(1)).all()
+    tail, _ = ex(x[:12])               # padded to 16, no recompile
+    assert _cosine(tail, eager_fc7[:12]).min() >= 0.999
