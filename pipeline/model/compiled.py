@@ -93,7 +93,8 @@ class BackgroundCompiler:
                  mode: str = COMPILE_MODE, compile_fn: Optional[Callable[..., Any]] = None) -> None:
         import torch
         self.model, self.setting, self.device = model, parse_setting(setting), device
-        self.memory_format, self.mode = memory_format or torch.contiguous_format, mode
+        self.memory_format = memory_format if memory_format is not None else torch.contiguous_format
+        self.mode = mode
         self.compile_fn = compile_fn or torch.compile
         self.state = "off" if self.setting == "off" else "waiting"  # -> compiling -> ready | failed
         self.batch_size = 0          # the compiled batch size: the largest batch seen before it started
@@ -109,10 +110,11 @@ class BackgroundCompiler:
         is the compiled one.  Counts ``x`` and starts compiling when it is time."""
         n = x.shape[0]
         self.images_seen += n
-        self.batch_size = self.batch_size if self.state != "waiting" else max(self.batch_size, n)
-        if self.state == "waiting" and wanted(self.setting, self.device, self.images_seen):
-            self._example = x[:1]
-            self._start()
+        if self.state == "waiting":
+            self.batch_size = max(self.batch_size, n)
+            if wanted(self.setting, self.device, self.images_seen):
+                self._example = x[:1]
+                self._start()
         compiled = self._compiled
         if compiled is None or n > self.batch_size or n < PAD_MIN_SHARE * self.batch_size:
             return self.model, x, False
