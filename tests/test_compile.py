@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import load_config, model_fingerprint
 from pipeline.errors import UsageError
 from pipeline.input.layout import EMBEDDINGS_DIR, part_name
 from pipeline.input.plan import Shard
@@ -47,6 +47,13 @@ def test_auto_compiles_only_on_cuda_and_only_past_enough_images():
     assert wanted("auto", CUDA, AUTO_AFTER_IMAGES)
     assert not wanted("auto", CPU, 10 * AUTO_AFTER_IMAGES)
     assert wanted("on", CPU, 0) and not wanted("off", CUDA, 10 * AUTO_AFTER_IMAGES)
+
+
+def test_compiling_is_not_a_different_model():
+    # Compiled and eager agree within the precision's tolerance: a resume may switch runtime.compile.
+    prints = {model_fingerprint(load_config(overrides=[f"runtime.compile={c}"]), "w", "0" * 64)
+              for c in ("auto", "on", "off")}
+    assert len(prints) == 1
 
 
 def test_cache_is_a_stable_per_user_directory(monkeypatch, tmp_path):
