@@ -233,6 +233,37 @@ class TreeSampler:
         return a1 - a0, c1 - c0
 
 
+# -- model arithmetic --------------------------------------------------------------------------
+
+
+def vgg_layers(arch: str, size: int = 224) -> list[dict[str, Any]]:
+    """The conv and linear layers of ``arch`` (Table 1) at ``size`` x ``size``: module name (as in
+    :class:`pipeline.model.vgg.VGG`), its input per image, shape and FLOPs per image (2 per
+    multiply-add)."""
+    from pipeline.model.archs import ARCH_TO_CONFIG, CONFIGS, FC7_DIM, NUM_CLASSES
+    base, _, bn = arch.partition("_")
+    layers, idx, channels, side = [], 0, 3, size
+    for v in CONFIGS[ARCH_TO_CONFIG[base]]:
+        if v == "M":
+            idx, side = idx + 1, side // 2
+            continue
+        layers.append({"name": f"features.{idx}", "kind": "conv3x3", "input": (channels, side, side),
+                       "shape": f"{channels}->{v} @{side}", "flops": 2 * channels * 9 * int(v) * side * side})
+        idx += 3 if bn else 2          # conv (+ batch norm) + relu
+        channels = int(v)
+    fcs = [(channels * 7 * 7, FC7_DIM), (FC7_DIM, FC7_DIM), (FC7_DIM, NUM_CLASSES)]
+    for i, (n_in, n_out) in zip((0, 3, 6), fcs):
+        layers.append({"name": f"classifier.{i}", "kind": "linear", "input": (n_in,),
+                       "shape": f"{n_in}->{n_out}", "flops": 2 * n_in * n_out})
+    return layers
+
+
+def flops_per_image(arch: str) -> int:
+    """Forward FLOPs of one 224x224 image through ``arch`` (convolutions and FC layers; ReLU and
+    pooling are a rounding error): VGG16 ~31 GFLOP."""
+    return sum(layer["flops"] for layer in vgg_layers(arch))
+
+
 # -- numbers and tables -------------------------------------------------------------------------
 
 

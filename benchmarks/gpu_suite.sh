@@ -16,8 +16,14 @@
 # SHARD), e2e1000 (the same at shard size 1000), gpuonly (runtime.decode=gpu: nvJPEG alone),
 # cpudecode (runtime.decode=cpu), baselines (Ray Data, DataLoader), dataloader (DataLoader alone),
 # decode (nvJPEG vs PIL, no model), engines (each decode engine alone and all of them balanced, no
-# model; then end to end with each), precisions (fp16, fp32), compile (torch.compile), ceiling (the
-# CPU decode processes' input ceiling on this node's cores, stand-in model).
+# model; then end to end with each), precisions (fp16, fp32), layers (per-layer time, TFLOP/s and
+# share of a measured bf16 matmul peak: where the model's time goes), compile (torch.compile in the
+# pipeline's mode), cudagraphs (mode reduce-overhead), autotune (mode max-autotune-no-cudagraphs:
+# minutes of autotuning, so not in the default list), ceiling (the CPU decode processes' input
+# ceiling on this node's cores, stand-in model).
+# The model-speed steps alone (issue 13 item 3; time limits 12.7 minutes in all, the torch.compile
+# builds are the unknown: each step prints its seconds):
+#   STEPS="model layers compile cudagraphs autotune" bash benchmarks/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logdir=${1:-/tmp/vgg-gpu-suite}
@@ -25,7 +31,7 @@ mkdir -p "$logdir"
 images=${IMAGES:-20000}
 batch=${BATCH:-256}
 threads=${THREADS:-$(nproc)}
-steps=${STEPS:-test model e2e gpuonly decode engines e2e1000 cpudecode baselines precisions compile ceiling}
+steps=${STEPS:-test model layers e2e gpuonly decode engines e2e1000 cpudecode baselines precisions compile cudagraphs ceiling}
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -52,9 +58,10 @@ trap 'kill $smi 2>/dev/null' EXIT
 e2e=(--device cuda --precision bf16 --batch-size "$batch" --images "$images")
 shard=(--shard-size "${SHARD:-4000}")
 step test 240 "$py" -m pytest -q -m gpu tests/test_gpu.py tests/test_decode_engines.py tests/test_precision.py \
-  tests/test_descriptor.py -p no:cacheprovider
+  tests/test_descriptor.py tests/test_compile.py -p no:cacheprovider
 step model 100 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size 64,128,256,512 \
   --images 8192 --repeat 3 --doc
+step layers 60 "$py" benchmarks/layer_profile.py --device cuda --precision bf16 --batch-size "$batch" --doc
 step e2e 120 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --compare-model-only --model-images 8192 \
   --repeat "${REPEAT:-1}" --doc
 step gpuonly 90 "$py" benchmarks/end_to_end.py "${e2e[@]}" "${shard[@]}" --set runtime.decode=gpu --doc
@@ -73,4 +80,8 @@ step precisions 80 "$py" benchmarks/model_only.py --device cuda --precision fp16
   --images 4096 --repeat 3 --doc
 step compile 150 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size "$batch" \
   --images 8192 --repeat 3 --compile --doc
+step cudagraphs 150 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size "$batch" \
+  --images 8192 --repeat 3 --compile-mode reduce-overhead --doc
+step autotune 300 "$py" benchmarks/model_only.py --device cuda --precision bf16 --batch-size "$batch" \
+  --images 8192 --repeat 3 --compile-mode max-autotune-no-cudagraphs --doc
 step ceiling 150 "$py" benchmarks/input_ceiling.py --repeat 1 --doc

@@ -8,6 +8,13 @@ in eager fp32 under ``torch.inference_mode()``, torchvision's layout, same batch
 On CUDA the batch is already on the device (no H2D); fc7 and logits are copied back to the host as
 in the pipeline.  Each (precision, batch size) pair: ``--warmup`` batches, then ``--repeat``
 measurements of ``--images`` images each; the median is the figure, min and max the noise.
+TFLOP/s is img/s times the model's FLOPs per image (``common.flops_per_image``, VGG16 ~31 GFLOP).
+
+``--compile-mode`` (or ``--compile``: the pipeline's mode) adds rows for ``torch.compile`` built
+as the pipeline builds it (:class:`pipeline.model.compiled.BackgroundCompiler`: a thread compiles
+and warms it up at the batch size, the model swaps it in); "compile s" is that build, cache
+included (a second run on the machine reads Inductor's cache).  ``reduce-overhead`` is CUDA
+graphs, ``max-autotune-no-cudagraphs`` Inductor's autotuned kernels.
 
 Usage::
 
@@ -17,6 +24,8 @@ Usage::
     python benchmarks/model_only.py --device cuda --arch vgg16 --precision bf16,fp16,fp32 \\
         --batch-size 64,128,256 --images 4096 --repeat 5 --doc
     python benchmarks/model_only.py --device cuda --precision bf16 --batch-size 256 --compile  # + torch.compile rows
+    python benchmarks/model_only.py --device cuda --precision bf16 --batch-size 256 \
+        --compile-mode default,max-autotune-no-cudagraphs,reduce-overhead
 """
 
 from __future__ import annotations
@@ -75,6 +84,23 @@ class PlainTorchvision:
             return self.model(x).cpu().numpy()
 
 
+def compile_model(ex, mode: str, batch_size: int) -> float:
+    """Swap ``ex``'s model for ``torch.compile(model, mode)`` the way the pipeline does; the build
+    time in seconds (NaN if it failed: the row then measures eager)."""
+    import torch
+
+    from pipeline.model.compiled import BackgroundCompiler
+    from pipeline.model.precision import uses_channels_last
+    fmt = torch.channels_last if uses_channels_last(ex.precision, ex.device) else torch.contiguous_format
+    ex.compiler = BackgroundCompiler(ex.model, "on", ex.device, memory_format=fmt, mode=mode)
+    ex(torch.zeros(batch_size, 3, 224, 224).to(ex.device))   # starts the build at this batch size
+    ex.compiler.wait()
+    if ex.compiler.state != "ready":
+        log.warning("torch.compile mode %s failed; the row is eager", mode)
+        return float("nan")
+    return ex.compiler.compile_s
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
@@ -83,34 +109,38 @@ def run(args: argparse.Namespace) -> list[dict]:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("model_only.py: --device cuda but no CUDA device is visible")
     results = []
+    flops = common.flops_per_image(args.arch)
     for precision in args.precision:
-        for compiled in ([False, True] if args.compile else [False]):
-            if args.torchvision:
-                ex = PlainTorchvision(args.arch, args.device, args.threads)
-            else:
-                ex = Extractor(args.arch, args.weights, device=args.device, precision=precision,
-                               num_threads=args.threads)
-            if compiled:
-                ex.model = torch.compile(ex.model)
+        for mode in [None, *args.compile_mode]:
             for bs in args.batch_size:
+                if args.torchvision:
+                    ex = PlainTorchvision(args.arch, args.device, args.threads)
+                else:  # a fresh model per row: a compiled one is built for its one batch size
+                    ex = Extractor(args.arch, args.weights, device=args.device, precision=precision,
+                                   num_threads=args.threads)
+                compile_s = compile_model(ex, mode, bs) if mode else None
                 rates, cpu = measure(ex, bs, args.images, args.warmup, args.repeat)
                 s = common.summary(rates)
                 results.append({"device": args.device, "arch": args.arch, "precision": ex.precision,
-                                "compile": compiled, "batch_size": bs, "threads": torch.get_num_threads(),
+                                "compile": mode or False, "compile_s": compile_s, "batch_size": bs,
+                                "threads": torch.get_num_threads(),
                                 "img_per_s": s["median"], "min": s["min"], "max": s["max"], "runs": rates,
+                                "tflops": s["median"] * flops / 1e12,
                                 "cpu_s_per_img": common.summary(cpu)["median"]})
                 log.info("%s", results[-1])
-            del ex
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+                del ex
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
     return results
 
 
 def render(results: list[dict]) -> str:
-    rows = [(r["device"], r["arch"], r["precision"] + (" +compile" if r["compile"] else ""), r["batch_size"],
-             r["threads"], common.spread(r["runs"], 2), f"{r['cpu_s_per_img']:.3f}") for r in results]
+    rows = [(r["device"], r["arch"], r["precision"] + (f" +compile {r['compile']}" if r["compile"] else ""),
+             r["batch_size"], r["threads"], common.spread(r["runs"], 2), f"{r['tflops']:.3g}",
+             f"{r['cpu_s_per_img']:.3f}", "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}")
+            for r in results]
     return common.table(["device", "arch", "precision", "batch", "torch threads", "img/s median (min-max)",
-                         "CPU s/img"], rows)
+                         "TFLOP/s", "CPU s/img", "compile s"], rows)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -129,12 +159,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=None, help="images per timed run (default 32 cpu, 2048 cuda)")
     p.add_argument("--warmup", type=int, default=None, help="untimed batches first (default 1 cpu, 10 cuda)")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="also measure torch.compile(model)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure torch.compile in the pipeline's mode (pipeline.model.compiled.COMPILE_MODE)")
+    p.add_argument("--compile-mode", default="",
+                   help="comma list of torch.compile modes to measure as well: default, "
+                        "max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs), max-autotune")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.add_argument("--doc", action="store_true", help="append the table to docs/benchmarks.md")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.precision = ["fp32"] if args.torchvision else args.precision.split(",")
+    from pipeline.model.compiled import COMPILE_MODE
+    modes = [m for m in args.compile_mode.split(",") if m.strip()] or ([COMPILE_MODE] if args.compile else [])
+    if modes and args.torchvision:
+        p.error("--compile/--compile-mode measure the pipeline's model, not --torchvision")
+    args.compile_mode = [m.strip() for m in modes]
     args.batch_size = [int(b) for b in (args.batch_size or ("64,128,256" if cuda else "8")).split(",")]
     args.images = args.images or (2048 if cuda else 32)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)

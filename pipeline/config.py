@@ -37,6 +37,7 @@ import yaml
 from .errors import UsageError
 from .input.storage import DEFAULT_READ_CONCURRENCY
 from .model.archs import ARCHS, dense_descriptor_dim
+from .model.compiled import parse_setting as _compile_setting
 from .model.precision import PRECISIONS
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"]
@@ -119,6 +120,9 @@ KEYS: dict[str, tuple[Any, Callable[[Any], Any]]] = {
     "runtime.device": ("auto", _choice("auto", "cuda", "cpu")),
     # auto: bf16 on CUDA and on CPUs with native bf16, else fp32 (pipeline/model/precision.py).
     "runtime.precision": ("auto", _choice(*PRECISIONS)),
+    # torch.compile, built in the background and swapped in (pipeline/model/compiled.py): auto = on
+    # CUDA once an actor has embedded enough images to pay it back; on = always (CPU too); off.
+    "runtime.compile": ("auto", _compile_setting),
     "runtime.cpus_per_actor": (None, _optional(_number)),
     "runtime.decode_threads": (None, _optional(_int(1))),
     "runtime.decode": ("auto", _choice("auto", "cpu", "gpu")),
@@ -185,6 +189,7 @@ class RuntimeConfig:
     batch_size: Optional[int]
     device: str
     precision: str
+    compile: str
     cpus_per_actor: Optional[float]
     decode_threads: Optional[int]
     decode: str

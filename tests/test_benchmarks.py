@@ -18,6 +18,7 @@ import common  # noqa: E402
 from pipeline.model.precision import resolve_precision  # noqa: E402
 import decode  # noqa: E402
 import end_to_end  # noqa: E402
+import layer_profile  # noqa: E402
 import model_only  # noqa: E402
 
 
@@ -79,6 +80,8 @@ def test_model_only_prints_a_table(doc, capsys):
     assert [[c.strip() for c in r[:5]] for r in rows] == [["cpu", "vgg11", ran, "1", "1"],
                                                           ["cpu", "vgg11", ran, "2", "1"]]
     assert all(_number(r[5]) > 0 for r in rows)
+    # TFLOP/s = img/s x vgg11's 15.2 GFLOP per image (to the table's 3 significant digits)
+    assert all(abs(float(r[6]) - _number(r[5]) * 15.218e-3) <= 0.006 * float(r[6]) for r in rows)
     assert "Model only, vgg11 on cpu" in doc.read_text()
 
 
@@ -92,6 +95,45 @@ def test_decode_measures_the_cpu_engine_and_the_pil_threads(jpegs, doc, capsys):
     assert "Decode throughput (no model)" in doc.read_text()
     with pytest.raises(SystemExit, match="needs --device cuda"):
         decode.main(["--data", str(jpegs), "--engines", "hw", "--repeat", "1"])
+
+
+def test_flops_per_image_is_the_papers_arithmetic():
+    # 2 FLOPs per multiply-add; VGG16's 15.5 G multiply-adds are the commonly quoted figure.
+    assert round(common.flops_per_image("vgg16") / 1e9, 2) == 30.94
+    assert common.flops_per_image("vgg16_bn") == common.flops_per_image("vgg16")
+    names = [layer["name"] for layer in common.vgg_layers("vgg11_bn")]
+    assert names[:3] == ["features.0", "features.4", "features.8"] and names[-1] == "classifier.6"
+
+
+def test_layer_profile_times_every_conv_and_linear(capsys):
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        assert layer_profile.main(["--arch", "vgg11", "--batch-size", "1", "--repeat", "1", "--warmup", "0",
+                                   "--threads", "1", "--matmul-size", "256", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["kind"] for r in res["layers"]] == ["conv3x3"] * 8 + ["linear"] * 3
+    assert all(r["ms"] > 0 and r["tflops"] > 0 for r in res["layers"]) and res["peak_tflops"] > 0
+    r = res["layers"][1]
+    assert abs(r["tflops"] - r["flops"] / (r["ms"] / 1e3) / 1e12) <= 1e-9 + 1e-6 * r["tflops"]
+    assert abs(r["peak_share"] - r["tflops"] / res["peak_tflops"]) <= 1e-9
+
+
+@pytest.mark.slow  # Inductor builds vgg11 on the CPU: ~20 s on 2 shared cores
+def test_model_only_measures_a_compiled_row(capsys, tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    threads = torch.get_num_threads()
+    try:
+        assert model_only.main(["--arch", "vgg11", "--batch-size", "1", "--images", "1", "--repeat", "1",
+                                "--warmup", "0", "--threads", "2", "--compile-mode", "default", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    eager, compiled = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results"]
+    assert (eager["compile"], eager["compile_s"]) == (False, None)
+    assert compiled["compile"] == "default" and compiled["compile_s"] > 0 and compiled["img_per_s"] > 0
 
 
 def test_model_only_measures_the_plain_torchvision_loop(capsys):

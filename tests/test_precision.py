@@ -178,8 +178,10 @@ def test_outputs_record_what_ran_and_refuse_a_resume_in_another_precision(ray_lo
     for part in sorted((out / "embeddings").glob("part-*.parquet")):
         meta = json.loads(pq.read_schema(part).metadata[b"vgg_pipeline"])
         assert meta["dtypes"]["compute"] == ran and meta["dtypes"]["device"] == "cpu"
+        assert meta["compile"] == {"setting": "auto", "rows": 0}   # auto never compiles on a CPU
     success = json.loads((out / "_SUCCESS.json").read_text())
     assert {a["precision"] for a in success["run"]["actors"]} == {ran}
+    assert success["run"]["images_compiled"] == 0
     assert success["config"]["runtime"]["precision"] == "auto"
     import pipeline
     with pytest.raises(UsageError, match="--overwrite"):

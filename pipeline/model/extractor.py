@@ -23,8 +23,9 @@ import torch
 
 from ..decode.preprocess import RESIZE, Batch, Decoded, as_batch
 from .archs import FC7_DIM, NUM_CLASSES
+from .compiled import BackgroundCompiler
 from .mapper import OutputColumn
-from .precision import dtype, prepare_input, prepare_model, resolve_precision
+from .precision import dtype, prepare_input, prepare_model, resolve_precision, uses_channels_last
 from .weights import WeightsInfo, load_model
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class Extractor:
     """VGG on one device; call it with a normalised (N, 3, H, W) batch."""
 
     def __init__(self, arch: str, weights: str, *, device: str = "auto", precision: str = "auto",
-                 num_threads: Optional[int] = None, storage_options: Optional[dict] = None) -> None:
+                 num_threads: Optional[int] = None, storage_options: Optional[dict] = None,
+                 compile: str = "off") -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if self.device.type == "cpu" and num_threads:
@@ -51,6 +53,10 @@ class Extractor:
         self.model = prepare_model(model, self.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed 224x224 batches: autotune once
+        fmt = torch.channels_last if uses_channels_last(self.precision, self.device) else torch.contiguous_format
+        # runtime.compile: the compiled model replaces this one between batches once it is built.
+        self.compiler = BackgroundCompiler(self.model, compile, self.device, memory_format=fmt)
+        self.compiled_images = 0   # images the compiled model embedded (part files record it)
         log.info("model %s on %s (%s), weights %s", arch, self.device, self.precision, self.weights.name)
 
     @property
@@ -68,8 +74,12 @@ class Extractor:
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        fc7, logits = self.model(self.prepare(batch))
-        return fc7.float().cpu().numpy(), logits.float().cpu().numpy()
+        n = batch.shape[0]
+        model, x, compiled = self.compiler.select(self.prepare(batch))
+        fc7, logits = model(x)
+        fc7, logits = fc7[:n].float().cpu().numpy(), logits[:n].float().cpu().numpy()  # padding dropped
+        self.compiled_images += n if compiled else 0
+        return fc7, logits
 
     # The mapper contract (pipeline.model.mapper.Mapper).
     needs_image = False  # the decoders hand over 224x224 crops only

@@ -18,8 +18,29 @@ log = logging.getLogger(__name__)
 CPU_ACTOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 
 
+def node_share(cpus: float, gpus: int) -> float:
+    """The CPUs each of a GPU node's ``gpus`` actors may reserve so that all of them fit and split
+    the node evenly: whole CPUs, one core left to the raylet, object store and (on the head) the
+    driver where the node has at least two per GPU; a fraction each on a node with fewer CPUs than
+    GPUs."""
+    spare = cpus - 1 if cpus >= 2 * gpus else cpus
+    share = float(spare // gpus)
+    return share if share >= 1 else cpus / gpus
+
+
+def gpu_actor_cpus(nodes: Sequence[dict]) -> float:
+    """CPUs per GPU actor: the smallest :func:`node_share` over the alive GPU nodes, so that on every
+    node, whatever its CPUs per GPU, one actor per GPU fits; CPU-only nodes (a big head) do not
+    count.  No GPU node yet (an autoscaling cluster): 1, which fits any GPU node type
+    (``runtime.cpus_per_actor`` asks for more)."""
+    shares = [node_share(n["Resources"].get("CPU", 0), int(n["Resources"]["GPU"])) for n in nodes
+              if n.get("Alive") and n["Resources"].get("GPU", 0) >= 1]
+    return min(shares, default=1.0)
+
+
 def pool_shape(cfg: Config, ray) -> tuple[int, dict]:
-    """Number of actors and their Ray options: one per GPU, else one per node (docs/design.md §6)."""
+    """Number of actors and their Ray options: one per GPU (with :func:`gpu_actor_cpus` CPUs each),
+    else one per node (docs/design.md §6)."""
     rt = cfg.runtime
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -30,7 +51,7 @@ def pool_shape(cfg: Config, ray) -> tuple[int, dict]:
                          "(how many GPU workers to request) so the autoscaler can add them")
     if rt.device == "cuda" or (gpus and rt.device != "cpu"):
         n = rt.num_actors or gpus
-        cpus = rt.cpus_per_actor or max(1.0, min(8.0, resources.get("CPU", 1) / max(gpus, 1) - 0.5))
+        cpus = rt.cpus_per_actor or gpu_actor_cpus(ray.nodes())
         return n, {"num_gpus": 1, "num_cpus": cpus}
     node_cpus = sorted(n["Resources"]["CPU"] for n in nodes) or [resources.get("CPU", 1)]
     n = rt.num_actors or max(1, len(node_cpus))

@@ -215,7 +215,7 @@ def run_stats(shards_resumed: int = 0) -> dict[str, Any]:
     already written (the driver then starts no Ray at all)."""
     return {"shards_done": 0, "shards_resumed": shards_resumed, "retries": 0, "actor_failures": 0,
             "unattributed_failures": 0, "bisected_shards": 0, "timeouts": 0, "images_this_run": 0,
-            "wall_s": 0.0, "img_per_s": 0.0, "stage_seconds": dict.fromkeys(STAGES, 0.0)}
+            "images_compiled": 0, "wall_s": 0.0, "img_per_s": 0.0, "stage_seconds": dict.fromkeys(STAGES, 0.0)}
 
 
 class Scheduler:
@@ -365,7 +365,7 @@ class Scheduler:
             slot.ready = True
             log.info("actor ready: %s", slot.info)
             self.stats.setdefault("actors", []).append(
-                {k: slot.info.get(k) for k in ("host", "device", "precision", "batch_size", "decode")})
+                {k: slot.info.get(k) for k in ("host", "device", "precision", "batch_size", "decode", "compile")})
             return
         message = outcome.error
         self.slots.remove(slot)
@@ -524,6 +524,7 @@ class Scheduler:
             acc = self.engine_s.setdefault(name, {"images": 0, "busy_s": 0.0})
             acc["images"] += got["images"]
             acc["busy_s"] += got["busy_s"]
+        self.stats["images_compiled"] += result.get("compiled", 0)   # by the torch.compile'd model
         self._shard_written(result["rows"] + result["errors"], result["errors"])
 
 

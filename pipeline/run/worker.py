@@ -68,6 +68,31 @@ WRITE_QUEUE = 2       # finished shards waiting for the writer, beyond which a f
 MAX_DECODE_PROCESSES = 32
 
 
+def assigned_cpus() -> Optional[float]:
+    """The CPUs Ray reserved for this process (an actor's ``num_cpus``), or None outside a Ray
+    worker (the driver, a test): on a multi-GPU node ``os.cpu_count()`` is every actor's node, not
+    its share."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except AssertionError:  # Ray asserts the calling process is a worker, not the driver
+        return None
+    return float(cpus) if cpus else None
+
+
+def decode_processes(decode_threads: Optional[int], cpus: Optional[float]) -> int:
+    """CPU decode processes of one actor: ``runtime.decode_threads`` if set, else one per CPU it
+    was given (``cpus``; the machine's count when unknown), at most :data:`MAX_DECODE_PROCESSES`."""
+    if decode_threads:
+        return decode_threads
+    return max(1, min(MAX_DECODE_PROCESSES, int(cpus or os.cpu_count() or 2)))
+
+
 def uses_gpu_decode(decode: str, mapper: Mapper) -> bool:
     """JPEGs decoded with nvJPEG: ``runtime.decode`` auto or gpu, a CUDA mapper that takes 224x224
     crops (the dense descriptor needs whole images, decoded on the CPU)."""
@@ -137,6 +162,7 @@ class _ShardState:
     model_s: float = 0.0
     wait_s: float = 0.0
     engines: dict[str, list[float]] = field(default_factory=dict)      # GPU decode engine -> [images, busy s]
+    compiled: int = 0       # images the torch.compile'd model embedded (the rest ran eager)
 
 
 class _Serialized:
@@ -170,14 +196,15 @@ class ShardWorker:
         self.fsys = FileSystems(storage_options, read_concurrency=cfg.input.read_concurrency)
         rt, inp = cfg.runtime, cfg.input
         self.batch_size = rt.batch_size or default_batch_size(self.mapper, cfg.model.arch)
-        self.threads = rt.decode_threads or max(2, min(16, (os.cpu_count() or 2)))
+        cpus = num_threads or assigned_cpus()  # this actor's share of the node, not the node
+        self.threads = rt.decode_threads or max(2, min(16, int(cpus or os.cpu_count() or 2)))
         # Decoded images in flight per shard: enough to keep every decode process busy.
         self.window = 2 * self.batch_size
         self.gpu_decoder = None
         self.pool: Optional[DecodePool] = None
         # The model's cores decode too: the decode processes sleep while the model is the
         # bottleneck (they only run a bounded window ahead of it), so no core is set aside.
-        processes = rt.decode_threads or max(1, min(MAX_DECODE_PROCESSES, num_threads or os.cpu_count() or 2))
+        processes = decode_processes(rt.decode_threads, cpus)
         decode_timeout_s = min(rt.shard_timeout_s / 2, 120.0)
         if uses_gpu_decode(rt.decode, self.mapper):
             from ..decode.gpu import GpuBatchDecoder
@@ -214,7 +241,8 @@ class ShardWorker:
                 "batch_size": self.batch_size,
                 "decode": "gpu" if self.gpu_decoder else "cpu",
                 "decode_engines": self.decode_engines(),
-                "decode_processes": self.pool.processes if self.pool else 0}
+                "decode_processes": self.pool.processes if self.pool else 0,
+                "compile": self.cfg.runtime.compile}
 
     def decode_engines(self) -> list[str]:
         """What decodes this worker's images: the GPU decoder's engines, the decode processes
@@ -232,7 +260,7 @@ class ShardWorker:
         self.writer.close()
         self._model.shutdown(wait=True)
 
-    def metadata(self, shard: Shard) -> dict:
+    def metadata(self, shard: Shard, compiled_rows: int = 0) -> dict:
         import pyarrow
         import torchvision
         w = self.mapper.weights
@@ -243,6 +271,8 @@ class ShardWorker:
             "preprocessing": PREPROCESSING,
             "dtypes": {"fc7": self.cfg.output.fc7_dtype, "logits": "float32",
                        "compute": self.mapper.precision, "device": self.mapper.device.type},
+            # Compiled and eager agree within the precision's tolerance: not part of the fingerprint.
+            "compile": {"setting": self.cfg["runtime"]["compile"], "rows": compiled_rows},
             "versions": {"vgg_pipeline": __version__, "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "pyarrow": pyarrow.__version__,
                          "python": platform.python_version()},
@@ -269,13 +299,13 @@ class ShardWorker:
         finally:
             self.sequencer.finish(ticket)  # the next shard's batches may go to the model now
 
-        meta = self.metadata(shard)
+        meta = self.metadata(shard, st.compiled)
         st.errors.sort(key=lambda e: e[0])
         errors = [(shard.ids[p], shard.uris[p], e.stage, e.error_type, e.message) for p, e in st.errors]
         emb, err = embeddings_table(st.rows, self.schema, meta), errors_table(errors, meta)
         summary = {"shard": shard.index, "rows": emb.num_rows, "errors": err.num_rows,
                    "read_s": round(st.times.read_s, 3), "decode_s": round(st.times.decode_s, 3),
-                   "model_s": round(st.model_s, 3), "wait_s": round(st.wait_s, 3),
+                   "model_s": round(st.model_s, 3), "wait_s": round(st.wait_s, 3), "compiled": st.compiled,
                    "host": socket.gethostname(), "pid": os.getpid()}
         if st.engines:
             summary["engines"] = {e: {"images": int(n), "busy_s": round(s, 3)} for e, (n, s) in st.engines.items()}
@@ -308,6 +338,8 @@ class ShardWorker:
                 if crash_id and any(shard.ids[p] == crash_id for p in batch.positions):
                     os._exit(17)
                 t0 = time.perf_counter()
+                # Only the model thread moves the counter, and only this shard has the model now.
+                compiled0 = getattr(self.mapper, "compiled_images", 0)
                 for part, out in self._model.submit(self._embed, batch).result():
                     if isinstance(out, ItemError):
                         st.errors.extend((p, out) for p in part.positions)
@@ -316,6 +348,7 @@ class ShardWorker:
                         st.rows.add([shard.ids[p] for p in part.positions],
                                     [shard.uris[p] for p in part.positions], part.widths, part.heights, out)
                 st.model_s += time.perf_counter() - t0
+                st.compiled += getattr(self.mapper, "compiled_images", 0) - compiled0
         finally:
             batches.close()  # a failed shard stops its readers and frees its decode slots
         if turn_started is not None:
