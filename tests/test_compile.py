@@ -32,11 +32,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_setting_parses_yaml_booleans_and_refuses_others(tmp_path):
-    assert load_config()["runtime"]["compile"] == "auto"
+    assert load_config().runtime.compile == "auto"
     conf = tmp_path / "c.yaml"
     conf.write_text("runtime:\n  compile: off\n")   # YAML reads a bare off as False
-    assert load_config(str(conf))["runtime"]["compile"] == "off"
-    assert load_config(overrides=["runtime.compile=on"])["runtime"]["compile"] == "on"
+    assert load_config(str(conf)).runtime.compile == "off"
+    assert load_config(overrides=["runtime.compile=on"]).runtime.compile == "on"
     assert parse_setting(True) == "on"
     with pytest.raises(UsageError, match="runtime.compile"):
         load_config(overrides=["runtime.compile=always"])

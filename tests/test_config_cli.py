@@ -92,8 +92,8 @@ def test_fingerprint_is_unchanged_for_existing_outputs():
 
 def test_sections_are_exactly_the_keys():
     check_sections()  # what the import ran
-    with pytest.raises(TypeError, match="runtime.compile is in KEYS but not a field of RuntimeConfig"):
-        check_sections({**KEYS, "runtime.compile": (False, bool)})
+    with pytest.raises(TypeError, match="runtime.warp_speed is in KEYS but not a field of RuntimeConfig"):
+        check_sections({**KEYS, "runtime.warp_speed": (False, bool)})
     with pytest.raises(TypeError, match="OutputConfig.top_k has no KEYS entry output.top_k"):
         check_sections({k: v for k, v in KEYS.items() if k != "output.top_k"})
     with pytest.raises(TypeError, match="no section 'serving'"):

@@ -272,7 +272,7 @@ class ShardWorker:
             "dtypes": {"fc7": self.cfg.output.fc7_dtype, "logits": "float32",
                        "compute": self.mapper.precision, "device": self.mapper.device.type},
             # Compiled and eager agree within the precision's tolerance: not part of the fingerprint.
-            "compile": {"setting": self.cfg["runtime"]["compile"], "rows": compiled_rows},
+            "compile": {"setting": self.cfg.runtime.compile, "rows": compiled_rows},
             "versions": {"vgg_pipeline": __version__, "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "pyarrow": pyarrow.__version__,
                          "python": platform.python_version()},
