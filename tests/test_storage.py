@@ -172,3 +172,13 @@ def test_http_status_errors_are_classified_by_status(sleeps):
     assert denied == [1]
     with pytest.raises(ValueError):  # not a storage error: never retried
         with_retries(lambda: int("x"), "x", base_delay=1.0)
+
+
+def test_to_uri_keeps_the_scheme_the_user_wrote_where_it_names_the_filesystem(tmp_path):
+    s3fs = pytest.importorskip("s3fs")
+    fs = s3fs.S3FileSystem(anon=True, skip_instance_cache=True)  # no request is made
+    assert storage.to_uri(fs, "bucket/a/b.jpg") == "s3://bucket/a/b.jpg"
+    assert storage.to_uri(fs, "bucket/a/b.jpg", "s3a") == "s3a://bucket/a/b.jpg"
+    assert storage.to_uri(fs, "bucket/a/b.jpg", "gs") == "s3://bucket/a/b.jpg"  # not this filesystem's
+    local = fsspec.filesystem("file")
+    assert storage.to_uri(local, str(tmp_path / "x.jpg"), "file") == str(tmp_path / "x.jpg")

@@ -115,9 +115,17 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """docs/design.md §3 ``uri``: an absolute local path (no ``file://``) or ``scheme://bucket/key``."""
-    return path if is_local(fs) else fs.unstrip_protocol(path)
+def to_uri(fs: fsspec.AbstractFileSystem, path: str, scheme: Optional[str] = None) -> str:
+    """docs/design.md §3 ``uri``: an absolute local path (no ``file://``) or ``scheme://bucket/key``.
+
+    ``scheme``: the one the user wrote, kept where it names this filesystem (``az://`` stays
+    ``az://`` rather than adlfs' first name, ``abfs://``); else the filesystem's own.
+    """
+    if is_local(fs):
+        return path
+    if scheme and "://" not in path and scheme in _protocols(fs):
+        return f"{scheme}://{path}"
+    return fs.unstrip_protocol(path)
 
 
 def join(base: str, *parts: str) -> str:

@@ -84,6 +84,11 @@ class InputForm(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
+    @property
+    def scheme(self) -> Optional[str]:
+        """The url's scheme as the user wrote it (None for a local path): listed uris keep it."""
+        return self.url.split("://", 1)[0].lower() if "://" in self.url else None
+
     @classmethod
     @abstractmethod
     def detect(cls, probe: Probe) -> bool:

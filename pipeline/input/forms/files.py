@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import fsspec
 
@@ -19,8 +19,9 @@ from .tar import TAR_SUFFIX, tar_members
 
 
 def filter_files(fs: fsspec.AbstractFileSystem, root: str, files: Iterable[str], exts: set[str],
-                 stats: ListingStats) -> Iterator[tuple[str, str]]:
-    """``(id, uri)`` of the image files (and tar members) among ``files``, all below ``root``."""
+                 stats: ListingStats, scheme: Optional[str] = None) -> Iterator[tuple[str, str]]:
+    """``(id, uri)`` of the image files (and tar members) among ``files``, all below ``root``;
+    uris spelled with ``scheme`` (:func:`~pipeline.input.storage.to_uri`)."""
     local = is_local(fs)
     for path in files:
         rel = _relative(root, path, local)
@@ -31,9 +32,9 @@ def filter_files(fs: fsspec.AbstractFileSystem, root: str, files: Iterable[str],
         elif any(p.startswith(".") for p in rel.split("/")[:-1]):  # a glob can reach into hidden dirs
             stats.skip("hidden")
         elif ext == TAR_SUFFIX:
-            yield from tar_members(fs, path, rel, exts, stats)
+            yield from tar_members(fs, path, rel, exts, stats, scheme)
         elif ext in exts:
-            yield rel, to_uri(fs, path)
+            yield rel, to_uri(fs, path, scheme)
         else:
             stats.skip(f"extension:{ext or '(none)'}")
 

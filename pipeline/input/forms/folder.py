@@ -32,7 +32,7 @@ class FolderForm(InputForm):
         return probe.is_dir
 
     def _items(self, exts: set[str], stats: ListingStats) -> Iterator[tuple[str, str]]:
-        return filter_files(self.fs, self.path, self._files(stats), exts, stats)
+        return filter_files(self.fs, self.path, self._files(stats), exts, stats, self.scheme)
 
     def _files(self, stats: ListingStats) -> Iterator[str]:
         """Every file below the folder, sorted, without entering hidden directories."""

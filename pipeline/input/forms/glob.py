@@ -28,4 +28,4 @@ class GlobForm(InputForm):
         root = path[: min(path.find(c) for c in GLOB_CHARS if c in path)].rsplit("/", 1)[0]
         matches = with_retries(lambda: fs.glob(path), self.url)
         files = (p for p in sorted(matches) if not with_retries(lambda: fs.isdir(p), to_uri(fs, p)))
-        return filter_files(fs, root, files, exts, stats)
+        return filter_files(fs, root, files, exts, stats, self.scheme)

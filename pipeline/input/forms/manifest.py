@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import os
 import posixpath
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import fsspec
 import pyarrow as pa
@@ -22,7 +22,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from ...errors import UsageError
-from ..storage import is_local, open_read, open_stream
+from ..storage import is_local, open_read, open_stream, to_uri
 from .base import BATCH_ROWS, InputForm, ListingStats, Probe
 
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
@@ -59,10 +59,10 @@ class ManifestForm(InputForm):
             blocks = _table_blocks(fs, path, _parquet_batches)
         for ids, raw in blocks:
             if len(ids):
-                yield ids, resolve_uris(raw, fs, manifest_dir)
+                yield ids, resolve_uris(raw, fs, manifest_dir, self.scheme)
 
 
-def _resolve(line: str, manifest_dir: str, fs: fsspec.AbstractFileSystem) -> str:
+def _resolve(line: str, manifest_dir: str, fs: fsspec.AbstractFileSystem, scheme: Optional[str] = None) -> str:
     """A manifest line as a uri: URLs as they are, relative lines against the manifest's folder."""
     if line.startswith("file://"):
         return line[len("file://"):]
@@ -70,21 +70,22 @@ def _resolve(line: str, manifest_dir: str, fs: fsspec.AbstractFileSystem) -> str
         return line
     if is_local(fs):
         return os.path.normpath(os.path.join(manifest_dir, line))  # an absolute line stays as it is
-    scheme, sep, rest = manifest_dir.partition("://")  # http(s) paths are whole URLs
+    prefix, sep, rest = manifest_dir.partition("://")  # http(s) paths are whole URLs
     if not sep:
-        scheme, rest = "", manifest_dir
+        prefix, rest = "", manifest_dir
     joined = posixpath.normpath(posixpath.join(rest, line))
-    return fs.unstrip_protocol(scheme + sep + joined)
+    return to_uri(fs, prefix + sep + joined, scheme)
 
 
-def resolve_uris(lines: pa.Array, fs: fsspec.AbstractFileSystem, manifest_dir: str) -> pa.Array:
+def resolve_uris(lines: pa.Array, fs: fsspec.AbstractFileSystem, manifest_dir: str,
+                 scheme: Optional[str] = None) -> pa.Array:
     """:func:`_resolve` over a column: plain relative lines are appended to the folder's uri
     by Arrow; only URLs, absolute paths and lines with dot segments go through Python."""
-    head = _resolve("x", manifest_dir, fs)[:-1]
+    head = _resolve("x", manifest_dir, fs, scheme)[:-1]
     uris = pc.binary_join_element_wise(head, lines, "")
     slow = pc.match_substring_regex(lines, _SLOW_LINE)
     if pc.any(slow).as_py():
-        fixed = [_resolve(line, manifest_dir, fs) for line in lines.filter(slow).to_pylist()]
+        fixed = [_resolve(line, manifest_dir, fs, scheme) for line in lines.filter(slow).to_pylist()]
         uris = pc.replace_with_mask(uris, slow, pa.array(fixed, pa.string()))
     return uris
 

@@ -52,18 +52,18 @@ class TarForm(InputForm):
         return not probe.is_dir and probe.name.endswith(TAR_SUFFIX)
 
     def _items(self, exts: set[str], stats: ListingStats) -> Iterator[tuple[str, str]]:
-        return tar_members(self.fs, self.path, posixpath.basename(self.path), exts, stats)
+        return tar_members(self.fs, self.path, posixpath.basename(self.path), exts, stats, self.scheme)
 
 
 def tar_members(fs: fsspec.AbstractFileSystem, path: str, tar_id: str, exts: set[str],
-                stats: ListingStats) -> Iterator[tuple[str, str]]:
+                stats: ListingStats, scheme: Optional[str] = None) -> Iterator[tuple[str, str]]:
     """``(TAR_ID#member, TAR_URI#member)`` for each image member of the tar at ``path``.
 
     A member is skipped (and counted) when it is hidden, not an image (a webdataset sidecar:
     ``.json``, ``.txt``, ...) or a repeat of an earlier member's name.  A damaged tar keeps the
     members before the damage.
     """
-    tar_uri = to_uri(fs, path)
+    tar_uri = to_uri(fs, path, scheme)
     seen: set[str] = set()  # bounded by one tar's members
     try:
         with open_stream(fs, path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
