@@ -4,13 +4,20 @@
 # docs/benchmarks.md (--doc); the log, a copy of that file and nvidia-smi's utilisation samples
 # (every 0.5 s) go to LOGDIR.
 #
-#   bash benchmarks/gpu_suite.sh [LOGDIR]                       # every step, ~10 minutes on an H200
+#   bash benchmarks/gpu_suite.sh [LOGDIR]                       # every step: ~30 minutes of limits
+#   STEPS=quick BUDGET_S=540 bash benchmarks/gpu_suite.sh LOGDIR  # what one 10-minute device call fits
 #   STEPS="test e2e" IMAGES=5000 bash benchmarks/gpu_suite.sh
 #   WHEELS=wheels STEPS="test engines" bash benchmarks/gpu_suite.sh   # with the [gpu] extra
 #
-# WHEELS: a folder holding the [gpu] extra's wheels (nvidia-nvimgcodec-cu13, nvidia-nvjpeg; fetched
-# beforehand with `pip download --no-deps`, the GPU machine has no network): installed first, so
-# the hw engine (the card's hardware JPEG decoder) is tested and measured too.
+# BUDGET_S: the whole run's seconds.  Each step gets the smaller of its own limit and what is left,
+# and a step with less than 30 s left is skipped (said in the log), so the run ends inside a device
+# call's limit with every table written so far.  STEPS=quick: the issue-13 essentials (gpu tests,
+# model-only, per-layer profile, end to end, decode engines, compile), run in this file's order.
+#
+# The [gpu] extra (nvImageCodec: the hw engine, the card's hardware JPEG decoder), which the GPU
+# machine cannot download: pack it with Ray, `DEVICE_EXTRA_WHEELS="nvidia-nvimgcodec-cu13
+# nvidia-nvjpeg" bash ../shared/hooks/device-ray-pack.sh`, and `source .devicepkgs/activate.sh`
+# installs it; or fetch the wheels into a folder with `pip download --no-deps` and pass WHEELS.
 #
 # Steps: test (pytest -m gpu), model (bf16 batch sweep), e2e (pipeline vs model-only, shard size
 # SHARD), e2e1000 (the same at shard size 1000), gpuonly (runtime.decode=gpu: nvJPEG alone),
@@ -32,6 +39,8 @@ images=${IMAGES:-20000}
 batch=${BATCH:-256}
 threads=${THREADS:-$(nproc)}
 steps=${STEPS:-test model layers e2e gpuonly decode engines e2e1000 cpudecode baselines precisions compile cudagraphs ceiling}
+[[ $steps == quick ]] && steps="test model e2e engines compile layers"
+budget=${BUDGET_S:-0}  # 0: no overall budget
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -40,7 +49,12 @@ step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2 t0=$SECONDS rc
   shift 2
   wanted "$name" || return 0
-  echo "=== $name: $* ($(date +%T))"
+  if (( budget > 0 )); then
+    local left=$((budget - SECONDS))
+    if (( left < 30 )); then echo "=== $name: skipped, ${left} s of BUDGET_S left"; return 0; fi
+    (( limit > left )) && limit=$left
+  fi
+  echo "=== $name: $* ($(date +%T), limit ${limit} s)"
   timeout -k 10 "$limit" "$@"
   rc=$?
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"

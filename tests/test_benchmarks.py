@@ -230,3 +230,34 @@ def test_rows_overhead_compares_the_two_bookkeepings(doc, capsys):
     rows = _rows(capsys.readouterr().out)
     assert _number(rows["8"][0]) > 0 and _number(rows["8"][1]) > 0  # us/img, both ways
     assert "Shard bookkeeping per image" in doc.read_text()
+
+
+def _gpu_suite(tmp_path: Path, **env: str) -> list[str]:
+    """benchmarks/gpu_suite.sh with stand-ins for nvidia-smi and Python (each step echoes its command)."""
+    import os
+    import subprocess
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA Stand-in, 0.0, 1 MiB'\n")
+    (bin_dir / "py").write_text("#!/bin/sh\necho \"ran $*\"\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    run = subprocess.run(["bash", str(BENCH / "gpu_suite.sh"), str(tmp_path / "log")], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                                     "PYTHON": str(bin_dir / "py"), **env})
+    assert run.returncode == 0, run.stderr
+    return [ln for ln in run.stdout.splitlines() if ln.startswith("=== ")]
+
+
+def test_gpu_suite_quick_runs_the_essentials_in_order_within_its_budget(tmp_path):
+    lines = _gpu_suite(tmp_path, STEPS="quick", BUDGET_S="200")
+    started = [ln.split()[1].rstrip(":") for ln in lines if "limit" in ln]
+    assert started == ["test", "model", "layers", "e2e", "engines", "engines", "engines", "compile"]  # script order
+    limits = [int(re.search(r"limit (\d+) s", ln).group(1)) for ln in lines if "limit" in ln]
+    assert limits[0] == 200 and all(limit <= 200 for limit in limits)   # capped by what is left
+    assert limits[1] == 100                                             # its own limit when smaller
+
+
+def test_gpu_suite_skips_steps_once_the_budget_is_spent(tmp_path):
+    lines = _gpu_suite(tmp_path, STEPS="test model", BUDGET_S="10")
+    assert lines == ["=== test: skipped, 10 s of BUDGET_S left", "=== model: skipped, 10 s of BUDGET_S left"]
