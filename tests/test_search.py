@@ -100,3 +100,24 @@ def test_queries_are_embedded_with_the_model_the_part_files_record(vgg11_weights
     fc7 = {"model": {"arch": "vgg11", "descriptor": "fc7", "layer": "fc7 (after relu7)"}, "weights": recorded}
     with pytest.raises(UsageError, match="no descriptor column"):
         QueryEmbedder(fc7, "descriptor", None, None)
+
+
+def test_a_query_image_is_decoded_as_the_workers_decoded_the_output(vgg11_weights, tmp_path):
+    """Large JPEGs are decoded at a reduced DCT scale chosen from the mapper's smallest resize; a
+    query must use the same scale as the workers did, or its vector drifts from the stored one."""
+    from pipeline.decode.preprocess import RESIZE
+    from pipeline.input.reader import read_shard
+    from pipeline.input.storage import FileSystems
+    from tests.corpus import small_photo
+
+    big = tmp_path / "big.jpg"
+    small_photo(0).resize((2400, 2048)).save(big, quality=90)  # 1/4 scale fits fc7's 256, not 512
+    w = weights_identity(str(vgg11_weights), "vgg11", None)
+    meta = {"model": {"arch": "vgg11", "descriptor": "fc7", "layer": "fc7 (after relu7)"},
+            "weights": {"spec": str(vgg11_weights), "name": w.name, "sha256": w.sha256}}
+    q = QueryEmbedder(meta, "fc7", None, None)
+    [decoded] = read_shard([str(big)], set(), FileSystems(None), max_pixels=100_000_000, max_bytes=100_000_000,
+                           threads=1, prefetch=1, min_side=max(RESIZE, q.mapper.min_side))  # the worker's call
+    stored = q.mapper.embed([decoded])["fc7"][0]
+    query, _ = q(str(big))
+    assert (query == stored).all()

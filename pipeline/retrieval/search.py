@@ -76,7 +76,7 @@ class QueryEmbedder:
         try:
             data = self.fsys.read_bytes(uri, inp.max_bytes)
             img, (w, h) = decode_with_size(data, max_pixels=inp.max_pixels, max_bytes=inp.max_bytes,
-                                           min_side=max(RESIZE, *self.cfg.model.scales))
+                                           min_side=max(RESIZE, self.mapper.min_side))  # as the workers
         except ItemError as exc:
             raise UsageError(f"query image {uri} cannot be used: {exc.error_type}: {exc.message}") from None
         except (OSError, ValueError) as exc:
