@@ -80,48 +80,62 @@ def test_decode_processes_follow_the_actors_cpus():
     assert assigned_cpus() is None                      # not a Ray worker
 
 
+# Run in its own process: a test session shares one local Ray (tests/conftest.py), and a process
+# can only be connected to one cluster.
+_GPU_CLUSTER_SCRIPT = r"""
+import json, ray
+from ray.cluster_utils import Cluster
+from pipeline.config import load_config
+from pipeline.run.ray_pool import pool_shape
+
 class Probe:
-    """Where an actor started with ``pool_shape``'s options landed, and what the worker derives."""
+    # Where an actor started with pool_shape's options landed, and what the worker derives.
+    def where(self):
+        from pipeline.run.worker import assigned_cpus, decode_processes
+        cpus = assigned_cpus()
+        return {"node": ray.get_runtime_context().get_node_id(), "cpus": cpus,
+                "processes": decode_processes(None, cpus), "gpus": len(ray.get_gpu_ids())}
 
-    def where(self) -> dict:
-        import ray as ray_
-        from pipeline.run.worker import assigned_cpus as cpus_of_actor, decode_processes as processes
-        cpus = cpus_of_actor()
-        return {"node": ray_.get_runtime_context().get_node_id(), "cpus": cpus,
-                "processes": processes(None, cpus), "gpus": len(ray_.get_gpu_ids())}
-
-
-@pytest.fixture(scope="module")
-def gpu_cluster():
-    """A CPU Ray cluster with fake GPUs: a CPU-only head with many logical CPUs, a 2-GPU node with
-    8 CPUs and a 4-GPU node with 16 (logical CPUs: the box has 2 cores, the probes are idle)."""
-    import ray
-    from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 32, "include_dashboard": False})
+# A CPU-only head with many logical CPUs, a 2-GPU node with 8 CPUs and a 4-GPU node with 16
+# (logical CPUs and fake GPUs: the box has 2 cores, the probes are idle).
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 32, "include_dashboard": False})
+try:
     two = cluster.add_node(num_cpus=8, num_gpus=2)
     four = cluster.add_node(num_cpus=16, num_gpus=4)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    try:
-        yield ray, {two.node_id: (8, 2), four.node_id: (16, 4)}
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    n, opts = pool_shape(load_config(), ray)
+    cls = ray.remote(Probe).options(scheduling_strategy="SPREAD", max_restarts=0, **opts)
+    actors = [cls.remote() for _ in range(n)]
+    ready, pending = ray.wait([a.where.remote() for a in actors], num_returns=n, timeout=120)
+    print(json.dumps({"n": n, "opts": opts, "pending": len(pending), "placed": ray.get(ready),
+                      "gpu_nodes": {two.node_id: [8, 2], four.node_id: [16, 4]}}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
 
 
 @pytest.mark.slow
-def test_gpu_actors_all_fit_and_split_each_node_evenly(gpu_cluster):
-    ray, gpu_nodes = gpu_cluster
-    n, opts = pool_shape(load_config(), ray)
+def test_gpu_actors_all_fit_and_split_each_node_evenly():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-c", _GPU_CLUSTER_SCRIPT], capture_output=True, text=True,
+                         timeout=300, cwd=root, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    n, opts, gpu_nodes = got["n"], got["opts"], got["gpu_nodes"]
     assert n == 6 and opts["num_gpus"] == 1
-    cls = ray.remote(Probe).options(scheduling_strategy="SPREAD", max_restarts=0, **opts)
-    actors = [cls.remote() for _ in range(n)]
-    # Every actor is scheduled: none stays pending for lack of CPUs on its GPU node.
-    ready, pending = ray.wait([a.where.remote() for a in actors], num_returns=n, timeout=120)
-    assert not pending
-    placed = ray.get(ready)
+    assert got["pending"] == 0   # every actor is scheduled: none waits for CPUs on its GPU node
     by_node: dict = {}
-    for p in placed:
+    for p in got["placed"]:
         by_node.setdefault(p["node"], []).append(p)
     assert set(by_node) == set(gpu_nodes)   # GPU actors only on GPU nodes, not on the head
     for node, probes in by_node.items():
@@ -130,5 +144,3 @@ def test_gpu_actors_all_fit_and_split_each_node_evenly(gpu_cluster):
         assert sum(p["cpus"] for p in probes) <= cpus
         assert {p["cpus"] for p in probes} == {opts["num_cpus"]}     # equal shares
         assert {p["processes"] for p in probes} == {int(opts["num_cpus"])}
-    for a in actors:
-        ray.kill(a)
