@@ -168,7 +168,10 @@ def test_end_to_end_compares_with_model_only(jpegs, doc, capsys):
     model_cpu = _number(rows["model-only CPU s/img"][0])
     assert actor_cpu > 0 and model_cpu > 0
     efficiency = _number(rows["CPU efficiency: model-only CPU s/img / actor CPU s/img"][0])
-    assert efficiency == pytest.approx(model_cpu / actor_cpu, rel=0.02, abs=0.002)
+    # Each CPU figure is shown to 3 decimals (a few ms per image here): the ratio of the exact
+    # medians lies between the ratios of the shown ones' rounding bounds.
+    low, high = (model_cpu - 5e-4) / (actor_cpu + 5e-4), (model_cpu + 5e-4) / max(actor_cpu - 5e-4, 1e-9)
+    assert low - 5e-4 <= efficiency <= high + 5e-4, (efficiency, model_cpu, actor_cpu)
     assert any(k.startswith("actor model s") for k in rows) and any(k.startswith("actor decode s") for k in rows)
     # The doc records the command that was measured: this extract of this data.
     assert re.search(rf"pipeline command: `[^`]* extract {re.escape(str(jpegs))} \S+ --weights ", doc.read_text())
