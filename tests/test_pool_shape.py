@@ -52,6 +52,14 @@ def test_cuda_on_a_cluster_that_has_not_scaled_up_yet():
     assert (n, opts["num_gpus"], opts["num_cpus"]) == (8, 1, 7.0)
 
 
+
+def test_gpu_actors_requested_before_any_gpu_node_reserve_one_cpu_and_say_so(caplog):
+    ray = ClusterView([{"CPU": 8}])
+    n, opts = pool_shape(load_config(overrides=["runtime.device=cuda", "runtime.num_actors=4"]), ray)
+    assert (n, opts["num_gpus"], opts["num_cpus"]) == (4, 1, 1.0)   # fits any GPU node type
+    assert "set runtime.cpus_per_actor" in caplog.text
+
+
 def test_gpu_actors_get_the_share_every_gpu_node_can_give():
     # A big CPU-only head must not inflate the share (it used to: min(8, 88 / 6 - 0.5) = 8, and the
     # 8-CPU node could host one of its two actors); each node keeps a core, and the 2-GPU node with

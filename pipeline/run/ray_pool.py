@@ -52,6 +52,10 @@ def pool_shape(cfg: Config, ray) -> tuple[int, dict]:
     if rt.device == "cuda" or (gpus and rt.device != "cpu"):
         n = rt.num_actors or gpus
         cpus = rt.cpus_per_actor or gpu_actor_cpus(ray.nodes())
+        if not gpus and not rt.cpus_per_actor:
+            log.warning("no GPU node is up yet: each GPU actor reserves 1 CPU, so it decodes in one "
+                        "process; set runtime.cpus_per_actor to what a GPU node gives per GPU "
+                        "(conf/gpu.yaml: 8)")
         return n, {"num_gpus": 1, "num_cpus": cpus}
     node_cpus = sorted(n["Resources"]["CPU"] for n in nodes) or [resources.get("CPU", 1)]
     n = rt.num_actors or max(1, len(node_cpus))
