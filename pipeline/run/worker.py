@@ -156,6 +156,7 @@ class _ShardState:
     """What one ``process`` call collects while its shard streams through."""
 
     shard: Shard
+    arrived: float = field(default_factory=time.perf_counter)   # when process() took it
     times: StageTimes = field(default_factory=StageTimes)
     rows: ShardRows = field(default_factory=ShardRows)
     errors: list[tuple[int, ItemError]] = field(default_factory=list)   # (plan position, why)
@@ -334,7 +335,8 @@ class ShardWorker:
         try:
             for batch in batches:
                 if turn_started is None:
-                    turn_started = self.sequencer.wait_turn(ticket)
+                    # An idle model before this shard arrived waited for the driver, not for input.
+                    turn_started = max(self.sequencer.wait_turn(ticket), st.arrived)
                 if crash_id and any(shard.ids[p] == crash_id for p in batch.positions):
                     os._exit(17)
                 t0 = time.perf_counter()
