@@ -167,6 +167,18 @@ def test_an_output_bucket_that_does_not_exist_is_a_usage_error_before_any_work(s
     storage.require_bucket(f"s3://{BUCKET}/anything/", s3["options"])  # an existing bucket passes
 
 
+def test_no_credentials_at_all_is_one_line_and_exit_2(s3, vgg11_weights):
+    env = clean_env(AWS_ENDPOINT_URL=s3["endpoint"], AWS_DEFAULT_REGION="us-east-1",
+                    AWS_EC2_METADATA_DISABLED="true",  # no instance-metadata lookup: nothing to find
+                    AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent")
+    for src, out in [(f"s3://{BUCKET}/in/", "/tmp/unused-out"), (str(vgg11_weights.parent), f"s3://{BUCKET}/o/")]:
+        run = cli("extract", src, out, "--weights", str(vgg11_weights), "--set", "model.arch=vgg11",
+                  "--no-progress", env=env)
+        assert run.returncode == 2, run.stderr[-2000:]
+        err = run.stderr.strip().splitlines()
+        assert len(err) == 1 and "no credentials for the storage (NoCredentialsError" in err[0], err
+
+
 def test_manifest_in_a_bucket_with_storage_options(s3, vgg11_weights, ray_local):
     """Credentials only as storage options (nothing in the environment): relative manifest
     lines, a missing key (404), a denied key (403) and a duplicate id each become one error row."""

@@ -79,7 +79,12 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - a storage fault outside the retried calls: one line, exit 1
-        from ..input.storage import describe_fault, is_transient
+        from ..input.storage import describe_fault, is_transient, missing_credentials, redact_message
+        if missing_credentials(exc):  # like a refusal: fixable by the user
+            print(f"vgg-pipeline: error: no credentials for the storage ({type(exc).__name__}: "
+                  f"{redact_message(str(exc).splitlines()[0] if str(exc) else '')}); set them in the "
+                  "environment, a profile or --storage-option", file=sys.stderr)
+            return 2
         if not is_transient(exc):
             raise
         print(f"vgg-pipeline: job failed: storage unavailable ({describe_fault(exc)}); finished work is "

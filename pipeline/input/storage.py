@@ -174,6 +174,17 @@ def _status_and_code(exc: BaseException) -> tuple[Optional[int], Optional[str]]:
     return None, None
 
 
+# What the cloud SDKs raise when they find no usable credentials at all (botocore, google-auth,
+# azure-core), by name: checking them needs none of those packages imported.
+_NO_CREDENTIALS = frozenset({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                             "NoAuthTokenError", "DefaultCredentialsError", "ClientAuthenticationError"})
+
+
+def missing_credentials(exc: BaseException) -> bool:
+    """The storage client found no (complete) credentials: the user's to fix, not worth a retry."""
+    return any(type(e).__name__ in _NO_CREDENTIALS for e in _chain(exc))
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: throttling (503 SlowDown, 429), 5xx, timeouts, dropped or cut connections."""
     if isinstance(exc, PERMANENT_ERRORS) or isinstance(exc, (FileTooLarge, JobFailed)):
