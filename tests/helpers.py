@@ -145,18 +145,28 @@ def manifest(path: Path, uris: list[str]) -> Path:
 
 # ----------------------------------------------------------------------------- the real CLI
 
-def cli_command(*args: str) -> list[str]:
-    """``vgg-pipeline extract ARGS --no-progress`` (the console script, else ``python -m``)."""
+def cli_program() -> list[str]:
+    """``vgg-pipeline`` as installed in this venv (the console script, else ``python -m``)."""
     script = Path(sys.executable).with_name("vgg-pipeline")
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
-    return head + ["extract", *args, "--no-progress"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
 
 
-def cli_env(**extra: str) -> dict:
-    """This process's environment for a CLI subprocess, always on a private local Ray."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def cli_command(*args: str) -> list[str]:
+    """``vgg-pipeline extract ARGS --no-progress``."""
+    return cli_program() + ["extract", *args, "--no-progress"]
+
+
+def cli_env(*without: str, **extra: str) -> dict:
+    """This process's environment for a CLI subprocess, always on a private local Ray, less the
+    variables starting with any of ``without`` (e.g. ``"AWS_"``: credentials a test chooses itself)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith(without)}
     env.update(RAY_USAGE_STATS_ENABLED="0", **extra)
     return env
+
+
+def run_program(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``vgg-pipeline ARGS`` (any subcommand) with exactly the environment ``env``."""
+    return subprocess.run(cli_program() + list(args), env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_cli(args: list[str], timeout: float = 240, **env: str) -> subprocess.CompletedProcess:

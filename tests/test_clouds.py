@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,14 +26,13 @@ from pipeline.config import redact
 from pipeline.errors import UsageError
 from pipeline.cli.cluster import extract_job
 from pipeline.submit import check_job
-from tests.helpers import require_program
+from tests.helpers import cli_env, require_program, run_program as cli
 from tests.corpus import encode, small_photo
 
 # Azurite's one account and its key: public, the same on every machine (Microsoft's docs).
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 STARTUP_TIMEOUT_S = 60
-CLI_TIMEOUT_S = 420
 # key below INPUT_PREFIX -> photo index; the sidecar is listed but skipped by extension
 PHOTOS = {"a.jpg": 0, "b.png": 1, "sub/c.jpg": 2, "sub/deep/d.jpg": 3}
 SIDECAR = "a.jpg.json"
@@ -106,11 +104,8 @@ def gcs_emulator() -> Iterator[str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    """This process' environment without any storage or Ray settings, plus ``extra``."""
-    drop = ("AZURE_", "STORAGE_EMULATOR_HOST", "GOOGLE_", "AWS_", "RAY_ADDRESS")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(RAY_USAGE_STATS_ENABLED="0", **extra)
-    return env
+    """No storage settings but the test's own."""
+    return cli_env("AZURE_", "STORAGE_EMULATOR_HOST", "GOOGLE_", "AWS_", **extra)
 
 
 def make_azure(connection_string: str) -> Cloud:
@@ -151,10 +146,6 @@ def cloud(request) -> Cloud:
     return made
 
 
-def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("vgg-pipeline")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
-    return subprocess.run(cmd + list(args), env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
 
 def readable_files(root: str) -> Iterator[tuple[str, bytes]]:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -26,6 +23,7 @@ from pipeline.input.reader import read_shard
 from pipeline.input.forms import FORMS, ListingStats, Probe, bucket, list_input, open_input
 from pipeline.input.storage import FileSystems
 from tests.corpus import encode, small_photo, tar_bytes
+from tests.helpers import cli_env, run_program as cli
 from tests.fault_proxy import FaultProxy, start_moto
 
 BUCKET = "vgg-s3-test"
@@ -42,7 +40,6 @@ INPUT_KEYS: dict[str, int | None] = {
 }
 DENIED = "private/secret.jpg"
 GOOD = [k for k, v in INPUT_KEYS.items() if v is not None and k != DENIED and not k.startswith(".")]
-CLI_TIMEOUT_S = 420
 
 
 def image_bytes(key: str) -> bytes:
@@ -92,17 +89,9 @@ def s3(tmp_path_factory):
         server.stop()
 
 
-def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("vgg-pipeline")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
-    return subprocess.run(cmd + list(args), env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
-
-
 def clean_env(**extra: str) -> dict:
-    """This process's environment without any AWS/Ray settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    env.update(RAY_USAGE_STATS_ENABLED="0", **extra)
-    return env
+    """No AWS settings but the test's own."""
+    return cli_env("AWS_", **extra)
 
 
 def output_objects(s3, prefix: str) -> dict[str, bytes]:

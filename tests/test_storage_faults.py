@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,13 +27,13 @@ from pipeline.input.forms import ListingStats, bucket, list_input
 from pipeline.input.storage import ATTEMPTS_ENV, FileSystems, StorageUnavailable, is_transient
 from tests.corpus import encode, small_photo, tar_bytes
 from tests.fault_proxy import FaultPlan, FaultProxy, first_only, start_moto
+from tests.helpers import run_program as cli
 
 BUCKET = "vgg-faults"
 KEY_ID = "AKIAFAULTPROXYTEST01"
 SECRET = "fault-secret-never-logged-0123456789abcdef"
 N_IMAGES = 7
 ALL_KINDS = ("503", "500", "reset", "lost", "truncate")
-CLI_TIMEOUT_S = 600
 
 
 def image(i: int) -> bytes:
@@ -212,10 +211,6 @@ def test_a_signed_url_is_never_logged(store, proxy, caplog, monkeypatch):
 
 # -- the whole job through the CLI ---------------------------------------------------------------
 
-def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("vgg-pipeline")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
-    return subprocess.run(cmd + list(args), env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
 
 def objects(store, prefix: str) -> dict[str, bytes]:
