@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -285,6 +286,18 @@ def wait_for_parts(proc: subprocess.Popen, out: Path, n: int, log: Path) -> None
             pytest.fail(f"the job ended (exit {proc.returncode}) before {n} shards were written:\n"
                         f"{log.read_text()[-3000:]}")
         time.sleep(0.05)
+
+
+def kill_after_parts(args: list[str], out: Path, n: int, log: Path, hang_id: str) -> None:
+    """Run the CLI (hanging on ``hang_id``) until ``n`` shards are written, then SIGKILL its whole
+    session -- driver, Ray and actors, as a lost machine would -- and wait until it is gone."""
+    proc = start_cli(args, log, hang_id=hang_id)
+    try:
+        wait_for_parts(proc, out, n, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    wait_session_gone(proc.pid)
 
 
 def wait_session_gone(sid: int) -> None:

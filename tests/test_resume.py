@@ -23,8 +23,8 @@ import pytest
 import pipeline
 from pipeline.cli import main
 from pipeline.errors import UsageError
-from tests.helpers import (SMALL, assert_exactly_once, run_cli, small_flags, snapshot, start_cli, summary,
-                           wait_for_parts, wait_session_gone, write_images)
+from tests.helpers import (SMALL, assert_exactly_once, kill_after_parts, run_cli, small_flags, snapshot,
+                           start_cli, summary, wait_for_parts, wait_session_gone, write_images)
 
 N_IMAGES = 12  # 6 shards of 2
 
@@ -72,13 +72,7 @@ def test_killed_driver_resumes_without_rewriting_finished_shards(ray_local, imag
     out = tmp_path / "out"
     args = [str(src), str(out), *small_flags()]
     log = tmp_path / "first.log"
-    proc = start_cli(args, log, hang_id=ids[4])  # shards 0 and 1 get written, shard 2 never
-    try:
-        wait_for_parts(proc, out, 2, log)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    wait_session_gone(proc.pid)
+    kill_after_parts(args, out, 2, log, hang_id=ids[4])  # shards 0 and 1 get written, shard 2 never
     assert not (out / "_SUCCESS.json").exists()
     before = snapshot(out)
     finished = [name for name in before if name.startswith("embeddings/")]

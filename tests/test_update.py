@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 from collections import Counter
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from pipeline.output.verify import verify
 from pipeline.run import driver
 from pipeline.retrieval.index import build_index, load_index
 from tests.corpus import small_photo
-from tests.helpers import (FC7, assert_exactly_once, clustered, parts_written, run_cli, small_flags, snapshot,
-                           start_cli, summary, wait_for_parts, wait_session_gone, write_output)
+from tests.helpers import (FC7, assert_exactly_once, clustered, kill_after_parts, parts_written, run_cli,
+                           small_flags, snapshot, summary, write_output)
 
 SMALL = {"model": {"arch": "vgg11"}, "runtime": {"batch_size": 2, "num_actors": 1}, "input__shard_size": 2}
 
@@ -216,13 +215,7 @@ def test_driver_killed_during_an_update_is_finished_by_the_next_update(ray_local
     new = add_images(src, 2, 6)  # shards 1, 2, 3 of the update; the second one hangs
     args = [str(src), str(out), *small_flags("runtime.num_actors=1"), "--update"]
     log = tmp_path / "update.log"
-    proc = start_cli(args, log, hang_id=new[2])  # its own session, so that the kill takes its Ray along
-    try:
-        wait_for_parts(proc, out, 2, log)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    wait_session_gone(proc.pid)
+    kill_after_parts(args, out, 2, log, hang_id=new[2])  # its own session: the kill takes its Ray along
     assert parts_written(out) == 2  # the old shard and the first new one; the second one hung
     assert not verify(str(out)).ok  # the committed generation is not finished
     before = snapshot(out)
