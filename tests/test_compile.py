@@ -152,6 +152,17 @@ def test_off_never_compiles(vgg11):
     assert ex.compiler.state == "off" and not ex.compiler.wait(0)
 
 
+def _compiled_and_eager(ex: Extractor, x: torch.Tensor) -> tuple[tuple, tuple]:
+    """``x`` through the eager model, then (the build done while eager keeps serving) through the
+    compiled one: ``((fc7, logits) compiled, (fc7, logits) eager)``."""
+    eager = ex(x)
+    _serve_while_building(ex, x, eager[0])
+    served = ex.compiled_images
+    compiled = ex(x)
+    assert ex.compiled_images == served + len(x)
+    return compiled, eager
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_torch_compile_matches_eager_and_caches_its_kernels(precision, tmp_path, monkeypatch):
@@ -162,11 +173,7 @@ def test_torch_compile_matches_eager_and_caches_its_kernels(precision, tmp_path,
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
     ex = Extractor("vgg11", "random:0", device="cpu", precision=precision, num_threads=2, compile="on")
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
-    eager_fc7, eager_logits = ex(x)
-    _serve_while_building(ex, x, eager_fc7)
-    served = ex.compiled_images
-    fc7, logits = ex(x)
-    assert ex.compiled_images == served + 2
+    (fc7, logits), (eager_fc7, eager_logits) = _compiled_and_eager(ex, x)
     if precision == "bf16":
         assert _cosine(fc7, eager_fc7).min() >= 0.999
     else:
@@ -207,11 +214,7 @@ def test_background_compile_on_cuda_matches_eager_bf16():
     tolerance of eager, same top-1."""
     ex = Extractor("vgg11", "random:0", device="cuda", precision="bf16", compile="on")
     x = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(4))
-    eager_fc7, eager_logits = ex(x)
-    _serve_while_building(ex, x, eager_fc7)
-    served = ex.compiled_images
-    fc7, logits = ex(x)
-    assert ex.compiled_images == served + 16
+    (fc7, logits), (eager_fc7, eager_logits) = _compiled_and_eager(ex, x)
     assert _cosine(fc7, eager_fc7).min() >= 0.999
     assert (logits.argmax(1) == eager_logits.argmax(1)).all()
     tail, _ = ex(x[:12])               # padded to 16, no recompile
