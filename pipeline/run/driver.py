@@ -214,7 +214,7 @@ def run_extract(input_url: str, output: str, cfg: Config, *, storage_options: Op
                           storage_options, run, planned)
 
 
-def _run_shards(shards: Iterator[Shard], done: set[int], total: Optional[int], output: str, cfg: dict,
+def _run_shards(shards: Iterator[Shard], done: set[int], total: Optional[int], output: str, cfg: Config,
                 storage_options: Optional[dict], job: dict, address: Optional[str], progress: bool) -> dict:
     """Every unfinished shard through a Ray pool; returns the scheduler's statistics."""
     ray, owns_ray = _init_ray(address)
