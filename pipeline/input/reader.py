@@ -205,6 +205,14 @@ def _positions(n: int, skip: set[int]) -> Iterator[int]:
     return (p for p in range(n) if p not in skip)
 
 
+def _results(ahead: Iterable[tuple[int, Future]], before_item: Optional[Callable[[int], None]]) -> Iterator[Any]:
+    """Each position's result in plan order, ``before_item(pos)`` called first (the tests' hook)."""
+    for pos, fut in ahead:
+        if before_item:
+            before_item(pos)
+        yield fut.result()
+
+
 def fetch_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_bytes: int, threads: int,
                 prefetch: int, times: Optional[StageTimes] = None,
                 before_item: Optional[Callable[[int], None]] = None,
@@ -218,10 +226,7 @@ def fetch_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_bytes
                        concurrency=read_concurrency or fsys.read_concurrency)
     fetches = _ahead(_positions(len(uris), skip), fetcher.start, fetcher.depth(prefetch))
     try:
-        for pos, fut in fetches:
-            if before_item:
-                before_item(pos)
-            yield fut.result()
+        yield from _results(fetches, before_item)
     finally:
         fetches.close()
         fetcher.close()
@@ -263,10 +268,7 @@ def read_shard(uris: list[str], skip: set[int], fsys: FileSystems, *, max_pixels
     fetches = _ahead(_positions(len(uris), skip), fetcher.start, fetcher.depth(prefetch))
     decodes = _ahead(fetches, lambda pf: pool.submit(load, *pf), prefetch)
     try:
-        for (pos, _), fut in decodes:
-            if before_item:
-                before_item(pos)
-            yield fut.result()
+        yield from _results(((pos, fut) for (pos, _), fut in decodes), before_item)
     finally:
         decodes.close()
         fetches.close()
