@@ -65,6 +65,7 @@ class NullMapper:
 
     needs_image = False
     min_side = 256
+    compiled_images = 0
 
     def __init__(self, cfg: Config) -> None:
         import torch

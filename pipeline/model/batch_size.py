@@ -6,12 +6,13 @@ is tested without a GPU; :func:`cuda_batch_size` feeds it ``torch.cuda.mem_get_i
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Union
 
 import torch
 
 from ..decode.preprocess import CROP
 from .archs import ARCH_TO_CONFIG, CONFIGS
+from .mapper import Mapper
 
 MAX_BATCH = 256                 # bigger batches add latency and memory for little VGG throughput
 
@@ -77,10 +78,11 @@ def cuda_batch_size(model_arch: str, device: Union[str, torch.device], precision
     return auto_batch_size(model_arch, free, precision=precision, weights_resident=True, max_batch=max_batch)
 
 
-def default_batch_size(mapper: Any, arch: str) -> int:
+def default_batch_size(mapper: Mapper, arch: str) -> int:
     """CPU: 8.  CUDA: the largest power of two up to 256 that fits the free device memory (model
     loaded), so a 16 GB card and an 80 GB card each get what they can hold."""
     if mapper.device.type != "cuda":
         return 8
-    dense = getattr(mapper, "needs_image", False)  # dense descriptors size their own batches
-    return 64 if dense else cuda_batch_size(arch, mapper.device, mapper.precision)
+    if mapper.needs_image:  # dense descriptors size their own batches
+        return 64
+    return cuda_batch_size(arch, mapper.device, mapper.precision)

@@ -147,6 +147,7 @@ class DenseExtractor(Extractor):
     """
 
     needs_image = True  # the reader keeps the RGB image: the descriptor uses it uncropped
+    compiled_images = 0  # whole images of every shape: always eager (runtime.compile does not apply)
 
     def __init__(self, arch: str, weights: str, *, scales: Sequence[int] = (256, 384, 512),
                  aggregation: str = "mean", max_batch_pixels: Optional[int] = None,

@@ -42,6 +42,7 @@ class Mapper(Protocol):
     device: torch.device
     precision: str
     weights: WeightsInfo
+    compiled_images: int   # images the torch.compile'd model embedded so far (0: it never compiles)
 
     @property
     def needs_image(self) -> bool:

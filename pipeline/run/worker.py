@@ -341,7 +341,7 @@ class ShardWorker:
                     os._exit(17)
                 t0 = time.perf_counter()
                 # Only the model thread moves the counter, and only this shard has the model now.
-                compiled0 = getattr(self.mapper, "compiled_images", 0)
+                compiled0 = self.mapper.compiled_images
                 for part, out in self._model.submit(self._embed, batch).result():
                     if isinstance(out, ItemError):
                         st.errors.extend((p, out) for p in part.positions)
@@ -350,7 +350,7 @@ class ShardWorker:
                         st.rows.add([shard.ids[p] for p in part.positions],
                                     [shard.uris[p] for p in part.positions], part.widths, part.heights, out)
                 st.model_s += time.perf_counter() - t0
-                st.compiled += getattr(self.mapper, "compiled_images", 0) - compiled0
+                st.compiled += self.mapper.compiled_images - compiled0
         finally:
             batches.close()  # a failed shard stops its readers and frees its decode slots
         if turn_started is not None:
