@@ -197,11 +197,8 @@ def render(results: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--arch", default="vgg16")
-    p.add_argument("--weights", default="random:0")
+    p = common.arg_parser(__doc__)
+    common.add_model_args(p)
     p.add_argument("--precision", default=None)
     p.add_argument("--batch-size", type=int, default=None, help="default: the pipeline's (8 cpu, 64 cuda)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads on cpu")
@@ -213,8 +210,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks.md")
     p.add_argument("--run-one", choices=MODES[1:], help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

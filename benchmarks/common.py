@@ -7,6 +7,7 @@ package versions and the exact command, so each figure in the doc can be reprodu
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import io
 import json
@@ -30,6 +31,28 @@ DOC = REPO / "docs" / "benchmarks.md"
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = (
     (500, 375), (640, 480), (800, 600), (1024, 768), (375, 500), (1280, 720), (1600, 1200), (1920, 1080),
 )
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: the first paragraph of its docstring as the description, and the
+    ``--json`` / ``--doc`` switches that :func:`report` reads."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print the machine and the results as one JSON line")
+    p.add_argument("--doc", action="store_true", help="append the table to docs/benchmarks.md")
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser, *, weights: bool = True) -> None:
+    """``--device``, ``--arch`` and (for benchmarks that load a checkpoint) ``--weights``."""
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--arch", default="vgg16", help="a VGG of Table 1: vgg11 ... vgg19, _bn variants")
+    if weights:
+        p.add_argument("--weights", default="random:0",
+                       help="as extract --weights (default random:0: speed does not depend on them)")
 
 
 # -- the machine --------------------------------------------------------------------------------

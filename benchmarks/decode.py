@@ -21,7 +21,6 @@ Compared with ``model_only.py`` at the same batch size it says which stage bound
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
@@ -100,8 +99,7 @@ def _shares(engines: Optional[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU engines too")
     p.add_argument("--engines", default="",
                    help="comma list of engine configurations: cuda, hw, cpu, all, or a mix such as hw+cuda")
@@ -112,8 +110,6 @@ def main(argv=None) -> int:
     p.add_argument("--processes", type=int, default=2, help="decode processes of the cpu engine")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     data = args.data or Path(tempfile.gettempdir()) / f"vgg-bench-jpegs-{args.images}"

@@ -219,11 +219,8 @@ def render(runs: list[dict], model: list[dict], plain: Optional[list[dict]] = No
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--arch", default="vgg16")
-    p.add_argument("--weights", default="random:0")
+    p = common.arg_parser(__doc__)
+    common.add_model_args(p)
     p.add_argument("--precision", default=None, help="runtime.precision (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=None, help="runtime.batch_size (default: the pipeline's)")
     p.add_argument("--decode-threads", type=int, default=None, help="runtime.decode_threads")
@@ -241,8 +238,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="environment variable for the pipeline and model-only processes (and so the Ray "
                         "workers they start), e.g. MALLOC_MMAP_MAX_=0; repeatable")
     p.add_argument("--data", type=Path, default=None, help="JPEG folder (default: generated in the temp dir)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks.md")
     args = p.parse_args(argv)
     args.shard_size = args.shard_size or max(1, args.images // 4)
     return args

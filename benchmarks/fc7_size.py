@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -52,11 +51,9 @@ def shard_bytes(rows: ShardRows, fc7_dtype: str, root: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = common.arg_parser(__doc__)
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--zeros", default="0.5,0.75,0.9", help="comma-separated zero fractions of fc7")
-    ap.add_argument("--json", action="store_true", help="one JSON line instead of the table")
-    ap.add_argument("--doc", action="store_true", help=f"append the table to {common.DOC}")
     args = ap.parse_args(argv)
     m = common.machine()
     results = []

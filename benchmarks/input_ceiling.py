@@ -29,7 +29,6 @@ boundaries)::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import multiprocessing as mp
@@ -169,16 +168,13 @@ def extract_null(manifest: Path, workdir: Path, shard_size: int, cores: int, ima
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--sets", nargs="+", choices=sorted(SETS), default=["web", "photos"])
     p.add_argument("--images", type=int, default=None, help="images per set (default: per set)")
     p.add_argument("--shard-sizes", type=int, nargs="+", default=[1000])
     p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "vgg-bench-ceiling")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

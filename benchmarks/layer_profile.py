@@ -108,10 +108,8 @@ def render(res: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--arch", default="vgg16")
+    p = common.arg_parser(__doc__)
+    common.add_model_args(p, weights=False)
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16, fp16 (as runtime.precision)")
     p.add_argument("--batch-size", type=int, default=None, help="default 2 on cpu, 256 on cuda")
     p.add_argument("--threads", type=int, default=None, help="torch threads on cpu (default: torch's)")
@@ -119,8 +117,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=None, help="timed calls per layer (default 2 cpu, 20 cuda)")
     p.add_argument("--peak", type=float, default=None, help="peak TFLOP/s to compare with (default: measured)")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the peak matmul (default 2048 cpu, 8192 cuda)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.add_argument("--doc", action="store_true", help="append the table to docs/benchmarks.md")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.batch_size = args.batch_size or (256 if cuda else 2)

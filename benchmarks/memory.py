@@ -95,16 +95,13 @@ def render(results: list[dict], tolerance: float) -> tuple[str, bool]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--sizes", default="1000,100000", help="comma list of image counts")
     p.add_argument("--arch", default="vgg11", help="the actor's model (loaded once; sets its floor)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--interval", type=float, default=0.2, help="sampling period, seconds")
     p.add_argument("--tolerance", type=float, default=0.10)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks.md")
     args = p.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",")]
     return args

@@ -144,11 +144,8 @@ def render(results: list[dict]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--arch", default="vgg16")
-    p.add_argument("--weights", default="random:0", help="as extract --weights (speed does not depend on them)")
+    p = common.arg_parser(__doc__)
+    common.add_model_args(p)
     p.add_argument("--precision", default="auto",
                    help="comma list of auto,fp32,bf16,fp16 (default auto, as the pipeline)")
     p.add_argument("--torchvision", action="store_true",
@@ -164,8 +161,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="",
                    help="comma list of torch.compile modes to measure as well: default, "
                         "max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs), max-autotune")
-    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    p.add_argument("--doc", action="store_true", help="append the table to docs/benchmarks.md")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     args.precision = ["fp32"] if args.torchvision else args.precision.split(",")

@@ -14,7 +14,6 @@ difference is the bookkeeping alone.  No model, no I/O::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -66,13 +65,10 @@ def per_batch(batches, ids, uris, schema):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 256])
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--doc", action="store_true")
     args = p.parse_args(argv)
     schema = embeddings_schema("float16")
     ids = [f"{i:08d}.jpg" for i in range(args.images)]

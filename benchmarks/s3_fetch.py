@@ -19,7 +19,6 @@ moto itself serves only a few hundred small objects a second on 2 cores, so the 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
@@ -62,8 +61,7 @@ def before_rate(uris: list[str], options: dict, threads: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--latencies", default="0,20,30,50", help="ms added per request, comma-separated")
     p.add_argument("--concurrency", type=int, default=None, help="input.read_concurrency (default: the config's)")
@@ -71,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-before", action="store_true", help="skip the old path (slow at high latency)")
     p.add_argument("--data", type=Path, default=None)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--doc", action="store_true", help="append to docs/benchmarks.md")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
