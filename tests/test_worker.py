@@ -162,6 +162,21 @@ def test_pool_decode_process_that_hangs_is_bounded(monkeypatch):
         pool.close()
 
 
+
+def test_decode_processes_keep_their_buffers_unless_the_environment_says_otherwise(monkeypatch):
+    import psutil
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # e.g. the CPU actor's own setting
+    pool = DecodePool(1, 1, **LIMITS)
+    try:
+        children = [c for c in psutil.Process().children() if "pipeline.decode.pool" in " ".join(c.cmdline())]
+        assert len(children) == 1
+        env = children[0].environ()
+        assert env["MALLOC_MMAP_THRESHOLD_"] == decode_pool.MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+        assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"
+        assert isinstance(pool.submit(encode(small_photo(0), "JPEG")).result(), Crop)
+    finally:
+        pool.close()
+
 # -- the worker ---------------------------------------------------------------------------------
 
 def test_two_concurrent_shards_give_the_sequential_rows(worker, corpus, recording):

@@ -57,6 +57,11 @@ from .cpu import decode_with_size
 
 log = logging.getLogger(__name__)
 
+# glibc serves a decoded photo (a few MB) from mmap and trims the heap after it by default, so
+# every image faults its buffers in again: ~25 % of a decode process' time (docs/benchmarks.md).
+# Heap up to 32 MB per allocation (glibc's maximum threshold), trimmed past 64 MB free: each process
+# keeps at most that much more; what the actor's or the user's environment sets wins.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 START_TIMEOUT_S = 60.0    # a decode process imports PIL and numpy only: well under a second unloaded
 DECODE_TIMEOUT_S = 120.0  # a 100 Mpixel PNG decodes in a few seconds; far beyond that it is stuck
 # Test-only fault injection (tests/test_worker.py): a decode process given an image whose sha256
@@ -164,7 +169,7 @@ class _Process:
             argv = [sys.executable, "-m", __name__, str(theirs.fileno()), str(ring_fd), json.dumps(args)]
             # stderr is the actor's: a decode process' warnings and tracebacks land in the worker log
             # and it imports this package from wherever the parent did (Ray may add paths at run time)
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+            env = {**MALLOC_ENV, **os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
             self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), ring_fd), stdin=subprocess.DEVNULL,
                                          env=env)
         finally:
