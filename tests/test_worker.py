@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.decode import pool as decode_pool
@@ -33,6 +34,7 @@ from pipeline.decode.pool import Crop, DecodePool, resize_crop
 from pipeline.errors import ItemError
 from pipeline.input.plan import Shard
 from pipeline.input.layout import EMBEDDINGS_DIR, ERRORS_DIR, part_name
+from pipeline.run.ray_pool import CPU_ACTOR_ENV
 from pipeline.run.worker import MATERIALISED, ShardWorker
 from tests.corpus import encode, small_photo, write_bad_corpus, write_good_corpus
 
@@ -163,17 +165,37 @@ def test_pool_decode_process_that_hangs_is_bounded(monkeypatch):
 
 
 
-def test_decode_processes_keep_their_buffers_unless_the_environment_says_otherwise(monkeypatch):
+def _decode_process(pool: DecodePool):
     import psutil
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")  # e.g. the CPU actor's own setting
+    children = [c for c in psutil.Process().children() if "pipeline.decode.pool" in " ".join(c.cmdline())]
+    assert len(children) == pool.processes
+    return children[0]
+
+
+def test_decode_processes_use_their_own_malloc_settings_whatever_the_actor_has(monkeypatch):
+    # The CPU actor's environment keeps every buffer for good (the model's activations): a decode
+    # process must still hand back what a huge image took, and keep ordinary buffers on the heap.
+    for key, value in CPU_ACTOR_ENV.items():
+        monkeypatch.setenv(key, value)
     pool = DecodePool(1, 1, **LIMITS)
+    small = encode(small_photo(0), "JPEG")
+    huge = encode(Image.new("RGBA", (6000, 6000), (10, 200, 30, 128)), "PNG", compress_level=6)  # 36 Mpixel
+
+    def decode(data: bytes) -> None:
+        crop = pool.submit(data).result()
+        assert isinstance(crop, Crop)
+        pool.take([crop.slot])
+
     try:
-        children = [c for c in psutil.Process().children() if "pipeline.decode.pool" in " ".join(c.cmdline())]
-        assert len(children) == 1
-        env = children[0].environ()
-        assert env["MALLOC_MMAP_THRESHOLD_"] == decode_pool.MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
-        assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"
-        assert isinstance(pool.submit(encode(small_photo(0), "JPEG")).result(), Crop)
+        import psutil
+        [child] = [c for c in psutil.Process().children() if "pipeline.decode.pool" in " ".join(c.cmdline())]
+        env = child.environ()
+        assert {k: env.get(k) for k in decode_pool.MALLOC_ENV} == decode_pool.MALLOC_ENV
+        decode(small)
+        before = child.memory_info().rss
+        decode(huge)   # ~250 MB while it decodes
+        decode(small)  # one image at a time: the huge one is done with by now
+        assert child.memory_info().rss - before < 64 << 20
     finally:
         pool.close()
 

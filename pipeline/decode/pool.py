@@ -59,9 +59,12 @@ log = logging.getLogger(__name__)
 
 # glibc serves a decoded photo (a few MB) from mmap and trims the heap after it by default, so
 # every image faults its buffers in again: ~25 % of a decode process' time (docs/benchmarks.md).
-# Heap up to 32 MB per allocation (glibc's maximum threshold), trimmed past 64 MB free: each process
-# keeps at most that much more; what the actor's or the user's environment sets wins.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+# Allocations up to 32 MB (glibc's maximum threshold; Pillow's blocks are 16 MB) stay on the heap,
+# larger ones and a free heap top past 64 MB go back to the kernel.  These override what the actor
+# inherits (a CPU actor keeps everything, for the model's activations: a decode process would then
+# keep its largest image for good).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20),
+              "MALLOC_MMAP_MAX_": "65536"}  # glibc's default: large buffers may be mmapped
 START_TIMEOUT_S = 60.0    # a decode process imports PIL and numpy only: well under a second unloaded
 DECODE_TIMEOUT_S = 120.0  # a 100 Mpixel PNG decodes in a few seconds; far beyond that it is stuck
 # Test-only fault injection (tests/test_worker.py): a decode process given an image whose sha256
@@ -141,6 +144,7 @@ def _decode_main(conn: Connection, ring_fd: int, shape: tuple[int, ...], max_pix
                 img, (width, height) = decode_with_size(data, max_pixels=max_pixels, max_bytes=max_bytes,
                                                         min_side=min_side)
                 ring[slot] = np.asarray(resize_crop(img, resize, crop)).transpose(2, 0, 1)
+                del img  # not held while waiting for the next image
                 reply: tuple = ("ok", width, height, time.perf_counter() - t0)
             except ItemError as exc:
                 reply = ("error", exc.stage, exc.error_type, exc.message)
@@ -169,7 +173,7 @@ class _Process:
             argv = [sys.executable, "-m", __name__, str(theirs.fileno()), str(ring_fd), json.dumps(args)]
             # stderr is the actor's: a decode process' warnings and tracebacks land in the worker log
             # and it imports this package from wherever the parent did (Ray may add paths at run time)
-            env = {**MALLOC_ENV, **os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+            env = {**os.environ, **MALLOC_ENV, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
             self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), ring_fd), stdin=subprocess.DEVNULL,
                                          env=env)
         finally:
