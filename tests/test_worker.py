@@ -8,6 +8,8 @@ without Ray: ``ShardWorker.process`` called from threads, as Ray's threaded acto
   corpus;
 * a decode process killed mid-shard loses nothing; one that an image keeps killing makes that
   image one ``stage=decode`` error row; one that hangs is bounded;
+* a decode process keeps ordinary buffers and hands back a huge image's, whatever the actor's
+  malloc settings;
 * no more than two shards are materialised, however many calls Ray runs at once.
 """
 
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -164,18 +167,9 @@ def test_pool_decode_process_that_hangs_is_bounded(monkeypatch):
         pool.close()
 
 
-
-def _decode_process(pool: DecodePool):
-    import psutil
-    children = [c for c in psutil.Process().children() if "pipeline.decode.pool" in " ".join(c.cmdline())]
-    assert len(children) == pool.processes
-    return children[0]
-
-
 def test_decode_processes_use_their_own_malloc_settings_whatever_the_actor_has(monkeypatch):
     # The CPU actor's environment keeps every buffer for good (the model's activations): a decode
     # process must still hand back what a huge image took, and keep ordinary buffers on the heap.
-    import psutil
     for key, value in CPU_ACTOR_ENV.items():
         monkeypatch.setenv(key, value)
     others = set(psutil.Process().children())  # other tests' pools may still be running
@@ -199,6 +193,7 @@ def test_decode_processes_use_their_own_malloc_settings_whatever_the_actor_has(m
         assert child.memory_info().rss - before < 64 << 20
     finally:
         pool.close()
+
 
 # -- the worker ---------------------------------------------------------------------------------
 
