@@ -23,8 +23,9 @@ def test_demo_without_network_falls_back_to_random_weights_and_prints_top5(tmp_p
     # A closed local port stands in for the unreachable download site; an empty TORCH_HOME holds
     # no cached ImageNet weights.
     env = cli_env(**{URL_BASE_ENV: "http://127.0.0.1:9/models", "TORCH_HOME": str(tmp_path / "torch")})
-    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--dir", str(tmp_path / "demo")], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--dir", str(tmp_path / "demo"),
+                           "--weights", "imagenet"],  # what `make demo` passes, whatever DEMO_WEIGHTS says
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "could not get imagenet weights" in out and "falling back to random weights" in out

@@ -172,10 +172,10 @@ def test_decode_processes_use_their_own_malloc_settings_whatever_the_actor_has(m
     # process must still hand back what a huge image took, and keep ordinary buffers on the heap.
     for key, value in CPU_ACTOR_ENV.items():
         monkeypatch.setenv(key, value)
-    others = set(psutil.Process().children())  # other tests' pools may still be running
-    pool = DecodePool(1, 1, **LIMITS)
     small = encode(small_photo(0), "JPEG")
     huge = encode(Image.new("RGBA", (6000, 6000), (10, 200, 30, 128)), "PNG", compress_level=6)  # 36 Mpixel
+    others = set(psutil.Process().children())  # other tests' pools may still be running
+    pool = DecodePool(1, 1, **LIMITS)
 
     def decode(data: bytes) -> None:
         crop = pool.submit(data).result()
